@@ -1,0 +1,197 @@
+"""Issue 2/7 §1: each curvature operator's cost divided by one jitted gradient on the same batch.
+
+For each benchmark model (benchmarks/models.py: the ~1M-parameter tanh MLP, batch 512, and the small
+causal transformer) it compiles, then times round-robin in one run:
+
+    grad            ∇L(θ)                                    (the unit)
+    hvp             H·v  (alignment_geom.curvature.hvp, forward-over-reverse)
+    linearized_hvp  one matvec of the reused linearisation, measured inside a lax.fori_loop of K
+                    matvecs: (t(K) − t(1)) / (K − 1)
+    fisher_vp       F·v, true Fisher of softmax(z) on the same inputs
+    empirical_fisher_vp  F̂·v with the data's labels
+    third_order     D³L[u, v, ·]
+    flow_taylor4    [c_1..c_4] of θ(t) − θ* along gradient flow
+
+and reports median paired ratios t(op)/t(grad), XLA's flop count of each op / the gradient's (the
+arithmetic floor of that formulation: a time ratio close to it means the op runs as efficiently as
+the gradient), and peak memory (XLA memory_analysis: temp +
+output bytes) relative to the gradient's. The floor: an HVP cannot cost less than about one gradient
+(it needs at least a forward and a backward pass through the network).
+
+Alternative HVP formulations (reverse-over-forward, reverse-over-reverse) and a prototype F·v
+(``fisher_vp_matsum``: the softmax-Hessian row sum as a matmul, which avoids an XLA:CPU YNN reduce
+fusion of the whole Jv chain) are timed alongside, as references for the library's choices.
+
+Run alone: ``python -m benchmarks.curvature [--quick] [--json PATH]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import compile_fn, environment, median, memory_bytes, paired_ratio, time_interleaved
+from benchmarks.models import get_model, n_params
+
+TARGETS = {"hvp": 2.0, "linearized_hvp": 1.8, "fisher_vp": 2.0, "third_order": 5.0}
+K_MATVEC = 6
+
+
+def _tree_dot(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
+def _normalize(v):
+    n = jnp.sqrt(_tree_dot(v, v))
+    return jax.tree_util.tree_map(lambda x: x / n.astype(x.dtype), v)
+
+
+def _flops(compiled):
+    """XLA's flop count of a compiled program (None if unavailable; while-loop bodies count once)."""
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        return float(ca.get("flops", 0.0)) or None
+    except Exception:
+        return None
+
+
+def operator_functions(model, k_matvec: int = K_MATVEC):
+    """{name: (fn, args)} for every measured operator on ``model`` (uncompiled)."""
+    from alignment_geom import curvature as C
+
+    loss_fn, logits_fn, logprob_fn = model.loss_fn, model.logits_fn, model.logprob_fn
+    p, batch, inputs = model.params, model.batch, model.inputs
+    ku, kv = jax.random.split(jax.random.PRNGKey(1))
+    leaves, treedef = jax.tree_util.tree_flatten(p)
+    u = _normalize(jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(jax.random.split(ku, len(leaves)), leaves)]))
+    v = _normalize(jax.tree_util.tree_unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(jax.random.split(kv, len(leaves)), leaves)]))
+
+    def lin_loop(params, b, v0, K):
+        mv = C.linearized_hvp(loss_fn, params, b)
+        return jax.lax.fori_loop(0, K, lambda i, w: _normalize(mv(w)), v0)
+
+    def fisher_vp_matsum(params, w, x):
+        # prototype for the library: F·v with the softmax-Hessian row sum Σ_c p_c (Jv)_c done as a
+        # matmul with a ones vector instead of a reduce. XLA:CPU's YNN "reduce" fusion otherwise
+        # absorbs the whole Jv dot chain into one slow fused kernel (MLP: 2.5-2.9x -> 1.45x a gradient).
+        z, f_jvp = jax.linearize(lambda q: logits_fn(q, x), params)
+        f_vjp = jax.linear_transpose(f_jvp, params)
+        jv = f_jvp(w)
+        pz = jax.nn.softmax(z, axis=-1)
+        s = (pz * jv) @ jnp.ones((z.shape[-1], 1), z.dtype)
+        return f_vjp((pz * jv - pz * s) * jnp.asarray(z.shape[-1] / z.size, z.dtype))[0]
+
+    fns = {
+        "grad": (lambda params, b: jax.grad(loss_fn)(params, b), (p, batch)),
+        "hvp": (lambda params, w, b: C.hvp(loss_fn, params, w, b), (p, v, batch)),
+        "lin_K1": (partial(lin_loop, K=1), (p, batch, v)),
+        f"lin_K{k_matvec}": (partial(lin_loop, K=k_matvec), (p, batch, v)),
+        "fisher_vp": (lambda params, w, x: C.fisher_vp(logits_fn, params, w, x), (p, v, inputs)),
+        "empirical_fisher_vp": (lambda params, w, b: C.empirical_fisher_vp(logprob_fn, params, w, b), (p, v, batch)),
+        "third_order": (lambda params, a, w, b: C.third_order(loss_fn, params, a, w, b), (p, u, v, batch)),
+        "flow_taylor4": (lambda params, b: C.flow_taylor(loss_fn, params, b, 4), (p, batch)),
+        # reference formulations (not library code)
+        "fisher_vp_matsum": (fisher_vp_matsum, (p, v, inputs)),
+        "hvp_rev_fwd": (lambda params, w, b: jax.grad(
+            lambda q: jax.jvp(lambda r: loss_fn(r, b), (q,), (w,))[1])(params), (p, v, batch)),
+        "hvp_rev_rev": (lambda params, w, b: jax.grad(
+            lambda q: _tree_dot(jax.grad(loss_fn)(q, b), w))(params), (p, v, batch)),
+    }
+    return fns
+
+
+QUICK_OPS = ("grad", "hvp", "lin_K1", "lin_K3", "fisher_vp")
+
+
+def bench_model(model, reps: int = 15, max_seconds: float = 120.0, k_matvec: int = K_MATVEC, log=print, ops=None):
+    """Compile and time every operator (or those named in ``ops``) on one model; returns a JSON-ready dict."""
+    fns = operator_functions(model, k_matvec)
+    if ops is not None:
+        fns = {n: f for n, f in fns.items() if n in ops}
+    compiled, compile_s, mem, dtypes, flops = {}, {}, {}, {}, {}
+    for name, (f, args) in fns.items():
+        compiled[name], compile_s[name] = compile_fn(f, *args)
+        mem[name] = memory_bytes(compiled[name])
+        flops[name] = _flops(compiled[name])
+        out = compiled[name](*args)
+        dtypes[name] = sorted({str(x.dtype) for x in jax.tree_util.tree_leaves(out)})
+    t0 = time.perf_counter()
+    times = time_interleaved({n: (compiled[n], fns[n][1]) for n in fns}, reps=reps, warmup=1,
+                             max_seconds=max_seconds)
+    elapsed = time.perf_counter() - t0
+    kname = f"lin_K{k_matvec}"
+    lin = [(b - a) / (k_matvec - 1) for a, b in zip(times["lin_K1"], times[kname])]
+    ratios = {n: paired_ratio(times, n, "grad") for n in fns if not n.startswith("lin_K")}
+    targets = {k: t for k, t in TARGETS.items() if k in ratios or k == "linearized_hvp"}
+    ratios["linearized_hvp"] = float(np.median([x / g for x, g in zip(lin, times["grad"])]))
+    ratios["linearized_hvp_setup"] = paired_ratio(times, "lin_K1", "grad")
+    peak_g = (mem["grad"] or {}).get("peak") or None
+    flops_ratio = {n: (flops[n] / flops["grad"] if flops[n] and flops["grad"] else None)
+                   for n in fns if not n.startswith("lin_K")}
+    mem_ratio = {n: (m["peak"] / peak_g if (m and peak_g) else None) for n, m in mem.items()}
+    res = {
+        "model": model.name,
+        "n_params": n_params(model.params),
+        "dtype": dtypes["grad"],
+        "output_dtypes": dtypes,
+        "rounds": len(times["grad"]),
+        "timing_seconds": round(elapsed, 2),
+        "grad_median_s": median(times["grad"]),
+        "median_s": {n: median(t) for n, t in times.items()},
+        "linearized_matvec_median_s": median(lin),
+        "ratio_to_grad": ratios,
+        "flops_ratio_to_grad": flops_ratio,
+        "peak_memory_bytes": {n: (m["peak"] if m else None) for n, m in mem.items()},
+        "peak_memory_ratio_to_grad": mem_ratio,
+        "compile_s": compile_s,
+        "targets": targets,
+        "pass": {k: bool(ratios[k] <= t) for k, t in targets.items()},
+    }
+    log(f"[curvature] {model.name}: n={res['n_params']:,} dtype={res['dtype']} rounds={res['rounds']} "
+        f"grad={res['grad_median_s'] * 1e3:.1f} ms")
+    for n in ["hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "flow_taylor4",
+              "fisher_vp_matsum", "hvp_rev_fwd", "hvp_rev_rev", "linearized_hvp_setup"]:
+        if n not in ratios:
+            continue
+        mr = mem_ratio.get("lin_K1" if n.startswith("linearized_hvp") else n)
+        fr = flops_ratio.get(n)
+        log(f"    {n:22s} {ratios[n]:6.2f}x grad   flops {'-' if fr is None else round(fr, 2)}x   "
+            f"peak mem {mr if mr is None else round(mr, 2)}x"
+            + (f"   target <= {TARGETS[n]}" if n in TARGETS else ""))
+    return res
+
+
+def main(argv=None, quick: bool = False, log=print):
+    """Run the curvature benchmark on both models; returns {"mlp": ..., "transformer": ...}."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 rounds (smoke test)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--models", default=None, help="default mlp,transformer (mlp with --quick)")
+    args = ap.parse_args([] if argv is None else argv)
+    quick = quick or args.quick
+    if args.models is None:
+        args.models = "mlp" if quick else "mlp,transformer"
+    reps = 2 if quick else args.reps
+    out = {}
+    for name in args.models.split(","):
+        model = get_model(name, quick=quick)
+        out[name] = bench_model(model, reps=reps, max_seconds=5.0 if quick else 150.0,
+                                k_matvec=3 if quick else K_MATVEC, log=log, ops=QUICK_OPS if quick else None)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"environment": environment(), "curvature": out}, fh, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

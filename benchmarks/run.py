@@ -1,0 +1,196 @@
+"""One command: ``python -m benchmarks.run [--quick] [--out PATH] [--sections curvature,spectral,sweep,torch]``.
+
+Measures, in one process and one run, ratios that do not depend on the machine's speed:
+
+1. curvature  each operator's time / one jitted gradient on the same batch (tanh MLP ~1M params,
+              batch 512; small causal transformer), float32; peak memory / the gradient's.
+2. spectral   Lanczos top-20 of the MLP's Fisher: matvecs to convergence, step cost in matvecs,
+              compile time vs step count (benchmarks/spectral.py), float64.
+3. sweep      16×16 λ×γ grid of gradient flows: vmapped vs a Python loop over the configs, float32.
+4. torch      the same models in PyTorch: reverse-over-reverse HVP vs alignment_geom's (float32), and
+              alignment-risk's ε̂/γ̂ pipeline vs aic.measure (float64); skipped without torch.
+
+Prints one table (value, target, pass/fail) and writes ``benchmarks/results.json`` (with the
+environment: versions, device kind, cores). Timings: compile first, then interleave the compared
+functions round-robin and take medians of paired ratios (benchmarks/__init__.py).
+
+On GPU/TPU: install the matching jax wheel (e.g. ``pip install -U "jax[cuda12]"``) and run the same
+command; the device kind is recorded in results.json. The torch peer then still runs on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+SECTIONS = ("curvature", "spectral", "sweep", "torch")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+
+
+def _fmt(x, nd=2):
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, (int,)):
+        return str(x)
+    try:
+        return f"{x:.{nd}f}" if abs(x) >= 10 ** -nd else f"{x:.1e}"
+    except TypeError:
+        return str(x)
+
+
+def table_rows(results):
+    """[(section, quantity, value, target, pass)] from the results dict."""
+    rows = []
+    cur = results.get("curvature") or {}
+    for mname, r in cur.items():
+        if not isinstance(r, dict) or "ratio_to_grad" not in r:
+            continue
+        rt, mem, fl = r["ratio_to_grad"], r["peak_memory_ratio_to_grad"], r.get("flops_ratio_to_grad", {})
+        for op, tgt in (("hvp", 2.0), ("linearized_hvp", 1.8), ("fisher_vp", 2.0), ("fisher_vp_matsum", 2.0),
+                        ("empirical_fisher_vp", None), ("third_order", 5.0), ("flow_taylor4", None)):
+            if op not in rt:
+                continue
+            m = mem.get("lin_K1" if op == "linearized_hvp" else op)
+            f = fl.get(op) if op != "linearized_hvp" else None
+            rows.append((f"curvature/{mname}", f"{op} / grad (flops {_fmt(f)}x, peak mem {_fmt(m)}x)", rt[op],
+                         None if tgt is None else f"<= {tgt}", None if tgt is None else rt[op] <= tgt))
+    sp = results.get("spectral") or {}
+    if "lanczos" in sp:
+        lz = sp["lanczos"]
+        rows.append(("spectral/mlp", "Lanczos top-20 matvecs", lz.get("num_matvecs"), "<= 60",
+                     lz.get("num_matvecs") is not None and lz["num_matvecs"] <= 60 and lz.get("converged", False)))
+    for key, label in (("step_over_matvec", "Lanczos step / matvec"), ("compile_ratio_80_over_20",
+                                                                        "compile(80 steps) / compile(20 steps)")):
+        val = _find(sp, key)
+        if val is not None:
+            tgt = (sp.get("targets") or {}).get(key)
+            rows.append(("spectral/mlp", label, val, None if tgt is None else f"<= {tgt}",
+                         None if tgt is None else val <= tgt))
+    sw = results.get("sweep") or {}
+    if "speedup" in sw:
+        rows.append(("sweep", f"vmapped / loop speedup ({sw['grid'][0]}x{sw['grid'][1]} flows)", sw["speedup"],
+                     f">= {sw['target']}", sw["pass"]))
+    tp = results.get("torch") or {}
+    for k, r in tp.items():
+        if k.startswith("hvp_") and isinstance(r, dict) and "speedup_hvp" in r:
+            rows.append((f"torch/{r['model']}", "torch HVP time / jax hvp time", r["speedup_hvp"], ">= 5.0",
+                         r["speedup_hvp"] >= 5.0))
+            rows.append((f"torch/{r['model']}", "HVP rel. diff torch vs jax (float64)", r["hvp_rel_diff_float64"],
+                         "<= 1e-5", r["agree"]))
+    ar = tp.get("aic_vs_alignment_risk") or {}
+    if "time_ratio_second" in ar:
+        rows.append(("torch/aic", "alignment-risk time / aic.measure (2nd call)", ar["time_ratio_second"], None, None))
+        rows.append(("torch/aic", "alignment-risk time / aic.measure (1st, +compile)", ar["time_ratio_first"], None,
+                     None))
+        rows.append(("torch/aic", "max rel. diff eigvals, eps, gamma (float64)",
+                     max(ar["eigvals_max_rel_diff"], ar["eps_rel_diff"], ar["gamma_rel_diff"]), "<= 1e-5",
+                     ar["agree"]))
+    return rows
+
+
+def _find(d, key):
+    if not isinstance(d, dict):
+        return None
+    if key in d and not isinstance(d[key], dict):
+        return d[key]
+    for v in d.values():
+        r = _find(v, key)
+        if r is not None:
+            return r
+    return None
+
+
+def format_table(rows):
+    w0 = max([len(r[0]) for r in rows] + [7])
+    w1 = max([len(r[1]) for r in rows] + [8])
+    lines = [f"{'section':{w0}}  {'quantity':{w1}}  {'value':>9}  {'target':>8}  result",
+             "-" * (w0 + w1 + 36)]
+    for sec, q, v, t, ok in rows:
+        res = "-" if ok is None else ("PASS" if ok else "MISS")
+        lines.append(f"{sec:{w0}}  {q:{w1}}  {_fmt(v):>9}  {t or '-':>8}  {res}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="alignment_geom benchmarks (one process, one run)")
+    ap.add_argument("--quick", action="store_true", help="tiny models, few rounds (smoke test; not a measurement)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help="results JSON (default benchmarks/results.json)")
+    ap.add_argument("--sections", default=",".join(SECTIONS))
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    sections = [s for s in args.sections.split(",") if s]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise ValueError(f"unknown sections {bad}; expected a subset of {SECTIONS}")
+
+    import jax
+
+    # float64 is needed by the agreement checks (spectral, torch); the timed curvature and sweep
+    # sections build their arrays in float32 explicitly (recorded per section).
+    jax.config.update("jax_enable_x64", True)
+    from benchmarks import environment
+
+    t_start = time.perf_counter()
+    results = {"quick": bool(args.quick), "sections": sections, "environment": environment(), "seconds": {}}
+    for sec in sections:
+        t0 = time.perf_counter()
+        print(f"=== {sec}", flush=True)
+        try:
+            if sec == "curvature":
+                from benchmarks import curvature
+
+                results[sec] = curvature.main([], quick=args.quick)
+            elif sec == "spectral":
+                from benchmarks import spectral
+
+                # LOBPCG / randomized comparisons are left to `python -m benchmarks.spectral` (runtime)
+                sargv = ["--json", os.devnull, "--no-compare"] + (["--quick"] if args.quick else [])
+                results[sec] = spectral.main(sargv)
+            elif sec == "sweep":
+                from benchmarks import sweep
+
+                results[sec] = sweep.main([], quick=args.quick)
+            elif sec == "torch":
+                from benchmarks import torch_peer
+
+                results[sec] = torch_peer.main([], quick=args.quick)
+        except Exception as e:  # one failing section must not lose the others' results
+            traceback.print_exc()
+            results[sec] = {"error": f"{type(e).__name__}: {e}"}
+        results["seconds"][sec] = round(time.perf_counter() - t0, 1)
+    results["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    rows = table_rows(results)
+    results["table"] = [dict(section=s, quantity=q, value=v, target=t, passed=ok) for s, q, v, t, ok in rows]
+    print()
+    if args.quick:
+        print("(--quick: tiny models and 2 rounds; a smoke test, not a measurement)")
+    print(format_table(rows))
+    print(f"\n(float32 timings for curvature/sweep/torch-HVP, float64 agreement checks; "
+          f"{results['environment']['cpu_count']} cores, {results['environment']['devices'][0]}; "
+          f"total {results['seconds']['total']} s)")
+    with open(args.out, "w") as fh:
+        json.dump(results, fh, indent=1, default=_json_default)
+    print(f"wrote {args.out}")
+    return results
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    return str(o)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Issue 3 benchmark: top-20 Fisher eigenpairs of the ~1M-parameter MLP, and ``aic.measure`` end to end.
+
+On ``benchmarks.models.mlp_model`` (tanh MLP 512 → 1024 → 512 → 10, 1,055,242 parameters; the Fisher
+of softmax(z) on its m = 512 inputs), in float64:
+
+  matvecs        Lanczos (full re-orthogonalisation, tolerance stop checked every step) for the top-20
+                 eigenpairs with relative residual ≤ 1e-6: Krylov matvecs used and the true residuals,
+                 (a) on the natural Fisher (a random-init MLP: flat top spectrum, no gap) and (b) on the
+                 same Fisher plus a planted rank-20 spike above a gap λ_21/λ_20 ≈ ½ (target ≤ 60);
+                 LOBPCG and randomized subspace iteration for comparison (full mode, without --no-compare).
+  compile        seconds to compile a fixed 20-step and an 80-step Lanczos (target: equal; the loop is a
+                 lax.while_loop, so the program does not grow with the step count).
+  step / matvec  (t(80 steps) − t(20 steps)) / 60 divided by one jitted Fisher matvec: the cost of a
+                 Lanczos step (matvec + two re-orthogonalisation passes over the basis) in matvecs.
+  measure        ``aic.measure`` (d = 20, Hutch++ trace) end to end, first call (compile included) and
+                 second call.
+
+Prints ratios and writes benchmarks/spectral.json. ``--quick`` uses the small MLP variant.
+Run: ``python -m benchmarks.spectral [--quick] [--json PATH]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+TARGETS = {"lanczos_matvecs_top20": 60, "compile_ratio_80_over_20": 1.5, "step_over_matvec": 1.5}
+
+
+def _timed(fn, *args, reps=3):
+    import jax
+
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small MLP, fewer comparisons")
+    ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "spectral.json"))
+    ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--max-steps", type=int, default=120)
+    ap.add_argument("--no-compare", action="store_true", help="skip LOBPCG / randomized")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.flatten_util
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    from alignment_geom import aic, curvature, spectral
+    from benchmarks import environment
+    from benchmarks.models import get_model, n_params
+
+    model = get_model("mlp", quick=args.quick, dtype=jnp.float64)
+    params, inputs = model.params, model.inputs
+    n = n_params(params)
+    k = args.k
+    key = jax.random.PRNGKey(0)
+    out = {"environment": environment(), "model": model.name, "n_params": n, "quick": args.quick, "k": k,
+           "tol": args.tol, "targets": TARGETS}
+    print(f"model {model.name}: n = {n:,} parameters, float64, Fisher on {inputs.shape[0]} inputs")
+
+    # ---------------------------------------------------------------- matvecs to convergence
+    def lanczos_tol(p, kk):
+        mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
+        return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
+                                       return_info=True)
+
+    t0 = time.perf_counter()
+    lam, _, res, info = jax.block_until_ready(jax.jit(lanczos_tol)(params, key))
+    t_lz = time.perf_counter() - t0
+    out["lanczos"] = {"num_matvecs": int(info.num_matvecs), "converged": bool(info.converged),
+                      "max_residual": float(jnp.max(res)), "eigvals": [float(x) for x in lam],
+                      "seconds_incl_compile": t_lz}
+    gaps = jnp.abs(jnp.diff(lam)) / jnp.abs(lam[:-1])
+    out["lanczos"]["min_relative_gap_top_k"] = float(jnp.min(gaps))
+    print(f"lanczos top-{k}: {int(info.num_matvecs)} matvecs (target ≤ {TARGETS['lanczos_matvecs_top20']}), "
+          f"converged={bool(info.converged)}, max residual {float(jnp.max(res)):.2e}, "
+          f"λ_1 = {float(lam[0]):.4g}, λ_{k} = {float(lam[-1]):.4g}")
+
+    # the same Fisher plus a planted rank-k spike: F + Σ_j s_j u_j u_jᵀ with s_j = λ_1(F)·(2 + j/k), so the
+    # top-k spectrum sits above a gap λ_{k+1}/λ_k ≈ 1/2 (the natural Fisher of a random-init MLP has none)
+    U = jax.random.normal(jax.random.PRNGKey(7), (k, n), jnp.float64)
+    U = jnp.linalg.qr(U.T)[0].T
+    spikes = float(lam[0]) * (2.0 + jnp.arange(k)[::-1] / k)
+    unravel = jax.flatten_util.ravel_pytree(params)[1]
+
+    def lanczos_gap(p, kk):
+        mv0 = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
+
+        def mv(v):
+            x = jax.flatten_util.ravel_pytree(v)[0]
+            return jax.tree_util.tree_map(jnp.add, mv0(v), unravel(U.T @ (spikes * (U @ x))))
+
+        return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
+                                       return_info=True)
+
+    t0 = time.perf_counter()
+    lam_g, _, res_g, info_g = jax.block_until_ready(jax.jit(lanczos_gap)(params, key))
+    out["lanczos_gapped"] = {"num_matvecs": int(info_g.num_matvecs), "converged": bool(info_g.converged),
+                             "max_residual": float(jnp.max(res_g)), "eigvals": [float(x) for x in lam_g],
+                             "seconds_incl_compile": time.perf_counter() - t0}
+    print(f"lanczos top-{k} with a gap (planted spike): {int(info_g.num_matvecs)} matvecs "
+          f"(target ≤ {TARGETS['lanczos_matvecs_top20']}), converged={bool(info_g.converged)}, "
+          f"max residual {float(jnp.max(res_g)):.2e}")
+
+    if not (args.quick or args.no_compare):
+        for method, kw in (("lobpcg", dict(max_iters=60)), ("randomized", dict(max_iters=30, oversample=10))):
+            def solve(p, kk, method=method, kw=kw):
+                mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
+                return spectral.top_eigenpairs(mv, p, k, key=kk, method=method, tol=args.tol, return_info=True, **kw)
+
+            t0 = time.perf_counter()
+            lam2, _, res2, info2 = jax.block_until_ready(jax.jit(solve)(params, key))
+            out[method] = {"num_matvecs": int(info2.num_matvecs), "converged": bool(info2.converged),
+                           "max_residual": float(jnp.max(res2)),
+                           "max_rel_eig_diff_vs_lanczos": float(jnp.max(jnp.abs(lam2 - lam) / jnp.abs(lam))),
+                           "seconds_incl_compile": time.perf_counter() - t0}
+            print(f"{method}: {out[method]['num_matvecs']} matvecs, converged={out[method]['converged']}, "
+                  f"max residual {out[method]['max_residual']:.2e}, "
+                  f"max |Δλ|/λ vs lanczos {out[method]['max_rel_eig_diff_vs_lanczos']:.1e}")
+
+    # ---------------------------------------------------------------- compile time vs steps
+    def lanczos_fixed(steps):
+        def f(p, kk):
+            mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
+            return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=steps)
+
+        return f
+
+    compiled, comp = {}, {}
+    for steps in (20, 80):
+        steps_eff = min(steps, n)
+        t0 = time.perf_counter()
+        compiled[steps] = jax.jit(lanczos_fixed(steps_eff)).lower(params, key).compile()
+        comp[steps] = time.perf_counter() - t0
+    out["compile_seconds"] = {"steps20": comp[20], "steps80": comp[80], "ratio_80_over_20": comp[80] / comp[20]}
+    print(f"compile: 20 steps {comp[20]:.2f}s, 80 steps {comp[80]:.2f}s, ratio {comp[80] / comp[20]:.2f} "
+          f"(target ≈ 1)")
+
+    # ---------------------------------------------------------------- step cost vs one matvec
+    mv_jit = jax.jit(lambda p, v: curvature.fisher_vp(model.logits_fn, p, v, inputs))
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+    jax.block_until_ready(mv_jit(params, v))
+    reps = 3 if args.quick else 2
+    t_mv = _timed(mv_jit, params, v, reps=reps + 2)
+    t20 = _timed(compiled[20], params, key, reps=reps)
+    t80 = _timed(compiled[80], params, key, reps=reps)
+    step = (t80 - t20) / 60
+    out["timing_seconds"] = {"matvec": t_mv, "lanczos20": t20, "lanczos80": t80, "per_step": step,
+                             "step_over_matvec": step / t_mv}
+    print(f"one Fisher matvec {t_mv * 1e3:.1f} ms; Lanczos step {step * 1e3:.1f} ms = {step / t_mv:.2f} matvecs")
+
+    # ---------------------------------------------------------------- measure end to end
+    d = k
+    mkw = dict(tol=args.tol, num_steps=min(args.max_steps, n), trace_matvecs=60 if args.quick else 90)
+    t0 = time.perf_counter()
+    rep = aic.measure(model.loss_fn, params, model.batch, model.logits_fn, inputs, d, **mkw)
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = aic.measure(model.loss_fn, params, model.batch, model.logits_fn, inputs, d, **mkw)
+    t_second = time.perf_counter() - t0
+    out["measure"] = {"seconds_first_call": t_first, "seconds_second_call": t_second,
+                      "second_call_in_matvecs": t_second / t_mv, "report": rep.to_dict()}
+    print(f"aic.measure (d = {d}): first call {t_first:.1f}s, second {t_second:.1f}s "
+          f"(= {t_second / t_mv:.0f} Fisher matvecs)")
+    print(rep)
+
+    with open(args.json, "w") as fh:
+        json.dump(out, fh, indent=2)
+    print(f"wrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

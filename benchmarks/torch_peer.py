@@ -1,0 +1,361 @@
+"""Issue 7 §4: the same models and data in PyTorch (CPU), against alignment_geom.
+
+Two comparisons, both on the exact weights and data of benchmarks/models.py:
+
+* **HVP**: the reverse-over-reverse Hessian-vector product that PyHessian and alignment-risk compute
+  (g = ∇L with ``create_graph=True``, then H v = ∇(g·v): one forward, a backward that records its own
+  graph, and a backward through that graph), against ``alignment_geom.curvature.hvp`` jitted
+  (forward-over-reverse). Wall times interleaved, float32 (both sides); ratio = t_torch / t_jax.
+  Agreement: ‖Hv_torch − Hv_jax‖ / ‖Hv_jax‖ in float64 (both sides).
+* **ε̂ / γ̂ pipeline**: alignment-risk's ``FisherSubspaceAnalyzer`` (per-sample gradients of the
+  safety loss, SVD of the m × n gradient matrix: the empirical Fisher F̂ = GᵀG/m, top-d) and
+  ``CurvatureCouplingAnalyzer`` (g and H g by double backward; ε̂ = ‖F̂^{1/2} P g‖, γ̂ = ‖F̂^{1/2} P H g‖)
+  against ``alignment_geom.aic.measure(..., fisher="empirical")`` with the same d and samples
+  (aic.measure also computes tr F̂, the tail and c₃, which alignment-risk does not). Float64 on both
+  sides, so the agreement (eigenvalues, ε̂ = eps_F, γ̂ = gamma_F) is checked to 1e-5 relative.
+
+torch is optional (requirements-bench.txt); without it the section reports ``skipped`` with the reason.
+Run alone: ``python -m benchmarks.torch_peer [--quick] [--json PATH]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import compile_fn, median, paired_ratio, time_interleaved
+
+AGREE_TOL = 1e-5
+TARGET_SPEEDUP = 5.0
+
+
+def torch_available():
+    """(True, version) or (False, reason)."""
+    try:
+        import torch
+    except Exception as e:  # pragma: no cover - depends on the environment
+        return False, f"torch not importable ({type(e).__name__}: {e}); pip install -r requirements-bench.txt"
+    return True, torch.__version__
+
+
+def alignment_risk_available():
+    try:
+        import alignment_risk
+    except Exception as e:
+        return False, f"alignment-risk not importable ({type(e).__name__}: {e})"
+    return True, alignment_risk.__version__
+
+
+# --------------------------------------------------------------------------- torch mirrors of the models
+
+
+def _t(x, dtype):
+    import torch
+
+    return torch.tensor(np.asarray(x), dtype=dtype)
+
+
+def build_torch_module(model, dtype_name="float32"):
+    """An nn.Module with the same weights as ``model`` (a BenchModel); ``module.loss(batch)`` = L,
+    ``module.logprob(batch)`` = per-example log π(y|x). The JAX parameter order is kept in
+    ``module.jax_order`` (torch parameter names in jax.tree_util leaf order)."""
+    import jax
+    import torch
+    import torch.nn.functional as Fn
+
+    dtype = getattr(torch, dtype_name)
+    params = model.params
+
+    class Base(torch.nn.Module):
+        def loss(self, batch):
+            return -self.logprob_tokens(batch).mean()
+
+    if model.name == "mlp":
+        class MLP(Base):
+            def __init__(self):
+                super().__init__()
+                self.n = len(params)
+                for i in range(self.n):
+                    self.register_parameter(f"W{i}", torch.nn.Parameter(_t(params[f"l{i}"]["W"], dtype)))
+                    self.register_parameter(f"b{i}", torch.nn.Parameter(_t(params[f"l{i}"]["b"], dtype)))
+                self.jax_order = [f"{k}{i}" for i in range(self.n) for k in ("W", "b")]
+
+            def forward(self, x):
+                h = x
+                for i in range(self.n):
+                    h = h @ getattr(self, f"W{i}") + getattr(self, f"b{i}")
+                    if i < self.n - 1:
+                        h = torch.tanh(h)
+                return h
+
+            def logprob_tokens(self, batch):
+                lp = Fn.log_softmax(self(batch["x"]), dim=-1)
+                return lp.gather(-1, batch["y"][:, None])[:, 0]
+
+            def logprob(self, batch):
+                return self.logprob_tokens(batch)
+
+        module = MLP()
+    elif model.name == "transformer":
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        layers = sorted({k.split("/")[0] for k in flat if k.startswith("block")})
+        width = flat["embed"].shape[1]
+        heads = model.config["heads"]
+
+        class TF(Base):
+            def __init__(self):
+                super().__init__()
+                self.names = list(flat)  # jax leaf order
+                for k, leaf in flat.items():
+                    self.register_parameter(k.replace("/", "__"), torch.nn.Parameter(_t(leaf, dtype)))
+                self.jax_order = [k.replace("/", "__") for k in self.names]
+
+            def p(self, k):
+                return getattr(self, k.replace("/", "__"))
+
+            def dense(self, x, k):
+                return x @ self.p(k + "/kernel") + self.p(k + "/bias")
+
+            def ln(self, x, k):
+                return Fn.layer_norm(x, (x.shape[-1],), self.p(k + "/scale"), self.p(k + "/bias"), eps=1e-5)
+
+            def forward(self, toks):
+                T = toks.shape[-1]
+                nh = self.n_heads
+                dh = width // nh
+                h = self.p("embed")[toks] + self.p("pos")[:T]
+                causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+                for b in layers:
+                    x = self.ln(h, f"{b}/ln1")
+                    q, k, v = self.dense(x, f"{b}/qkv").split(width, dim=-1)
+                    q, k, v = (t.reshape(t.shape[:-1] + (nh, dh)) for t in (q, k, v))
+                    att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+                    att = torch.where(causal, att, torch.tensor(-1e9, dtype=att.dtype))
+                    o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(att, dim=-1), v)
+                    h = h + self.dense(o.reshape(o.shape[:-2] + (width,)), f"{b}/proj")
+                    x = self.ln(h, f"{b}/ln2")
+                    h = h + self.dense(Fn.gelu(self.dense(x, f"{b}/fc1"), approximate="tanh"), f"{b}/fc2")
+                h = self.ln(h, "ln_f")
+                return self.dense(h, "head")
+
+            def logprob_tokens(self, batch):
+                t = batch["tokens"]
+                lp = Fn.log_softmax(self(t[:, :-1]), dim=-1)
+                return lp.gather(-1, t[:, 1:, None])[..., 0]
+
+            def logprob(self, batch):
+                return self.logprob_tokens(batch).sum(-1)
+
+        module = TF()
+        module.n_heads = heads
+    else:
+        raise ValueError(f"no torch mirror for model {model.name!r}")
+    return module
+
+
+def torch_batch(model):
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)).long() if np.issubdtype(np.asarray(v).dtype, np.integer)
+            else torch.from_numpy(np.array(v)) for k, v in model.batch.items()}
+
+
+def _batch_dtype(batch, dtype):
+    import torch
+
+    return {k: (v.to(dtype) if torch.is_floating_point(v) else v) for k, v in batch.items()}
+
+
+def torch_hvp(module, batch, vs):
+    """PyHessian's HVP: g = ∇L (create_graph=True), H v = ∂(g)/∂θ · v via a second backward."""
+    import torch
+
+    params = list(module.parameters())
+    loss = module.loss(batch)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    return torch.autograd.grad(grads, params, grad_outputs=vs)
+
+
+def _jax_leaves_to_torch(leaves, dtype):
+    return [_t(x, dtype) for x in leaves]
+
+
+# --------------------------------------------------------------------------- HVP timing + agreement
+
+
+def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from alignment_geom import curvature as C
+    from benchmarks.models import get_model
+
+    out = {"model": model_name}
+    for dt_name in ("float32", "float64"):
+        jdt = getattr(jnp, dt_name)
+        tdt = getattr(torch, dt_name)
+        model = get_model(model_name, quick=quick, dtype=jdt)
+        module = build_torch_module(model, dt_name)
+        tb = _batch_dtype(torch_batch(model), tdt)
+        leaves, treedef = jax.tree_util.tree_flatten(model.params)
+        rng = np.random.default_rng(3)
+        v_np = [rng.standard_normal(x.shape) for x in leaves]
+        v = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, jdt) for x in v_np])
+        order = {name: i for i, name in enumerate(module.jax_order)}
+        tparams = [n for n, _ in module.named_parameters()]
+        vs = [torch.tensor(v_np[order[n]], dtype=tdt) for n in tparams]
+        fj, tcomp = compile_fn(lambda p, w, b: C.hvp(model.loss_fn, p, w, b), model.params, v, model.batch)
+        hv_j = fj(model.params, v, model.batch)
+        hv_t = torch_hvp(module, tb, vs)
+        hj = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(hv_j)])
+        ht = np.concatenate([np.ravel(hv_t[tparams.index(n)].detach().numpy().astype(np.float64))
+                             for n in module.jax_order])
+        rel = float(np.linalg.norm(hj - ht) / np.linalg.norm(hj))
+        lj = float(model.loss_fn(model.params, model.batch))
+        loss_rel = abs(lj - float(module.loss(tb).detach())) / abs(lj)
+        out[f"hvp_rel_diff_{dt_name}"] = rel
+        out[f"loss_rel_diff_{dt_name}"] = loss_rel
+        if dt_name == "float32":
+            gj, _ = compile_fn(lambda p, b: jax.grad(model.loss_fn)(p, b), model.params, model.batch)
+
+            def t_grad():
+                params = list(module.parameters())
+                return torch.autograd.grad(module.loss(tb), params)
+
+            times = time_interleaved({
+                "jax_grad": (gj, (model.params, model.batch)),
+                "jax_hvp": (fj, (model.params, v, model.batch)),
+                "torch_grad": (t_grad, ()),
+                "torch_hvp": (lambda: torch_hvp(module, tb, vs), ()),
+            }, reps=reps, max_seconds=5.0 if quick else 90.0)
+            out.update({
+                "rounds": len(times["jax_hvp"]),
+                "torch_threads": torch.get_num_threads(),
+                "median_s": {k: median(t) for k, t in times.items()},
+                "speedup_hvp": paired_ratio(times, "torch_hvp", "jax_hvp"),
+                "speedup_grad": paired_ratio(times, "torch_grad", "jax_grad"),
+                "torch_hvp_over_torch_grad": paired_ratio(times, "torch_hvp", "torch_grad"),
+                "jax_hvp_over_jax_grad": paired_ratio(times, "jax_hvp", "jax_grad"),
+                "jax_compile_s": tcomp,
+            })
+    out["agree"] = bool(out["hvp_rel_diff_float64"] <= AGREE_TOL)
+    out["pass"] = bool(out["speedup_hvp"] >= TARGET_SPEEDUP)
+    log(f"[torch] {model_name}: HVP torch/jax = {out['speedup_hvp']:.2f}x (target >= {TARGET_SPEEDUP}), "
+        f"grad torch/jax = {out['speedup_grad']:.2f}x, torch HVP = {out['torch_hvp_over_torch_grad']:.2f} torch grads, "
+        f"|dHv|/|Hv| f64 = {out['hvp_rel_diff_float64']:.1e}, f32 = {out['hvp_rel_diff_float32']:.1e}")
+    return out
+
+
+# --------------------------------------------------------------------------- ε̂ / γ̂ pipeline
+
+
+def bench_aic(quick: bool = False, d: int = 8, m: int = 64, log=print):
+    """alignment-risk's Fisher + curvature analyzers against aic.measure(fisher="empirical"), float64."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from alignment_geom import aic
+    from benchmarks.models import get_model, n_params
+
+    ok, why = alignment_risk_available()
+    if not ok:
+        return {"skipped": why}
+    from alignment_risk import CurvatureConfig, CurvatureCouplingAnalyzer, FisherConfig, FisherSubspaceAnalyzer
+
+    if quick:
+        d, m = 3, 8
+    model = get_model("mlp", quick=quick, dtype=jnp.float64)
+    n = n_params(model.params)
+    safety = {k: v[:m] for k, v in model.batch.items()}  # m safety samples (x, y = the safe completion)
+    module = build_torch_module(model, "float64")
+    tb = _batch_dtype(torch_batch(model), torch.float64)
+    tsafety = {k: v[:m] for k, v in tb.items()}
+
+    def safety_loss(mod, sample):  # per-sample −log π(y|x): its gradient is −∇log π (sign-free for F̂)
+        return -mod.logprob(sample)
+
+    def ft_loss(mod, batch):
+        return mod.loss(batch)
+
+    # ---- alignment-risk (torch)
+    t0 = time.perf_counter()
+    fcfg = FisherConfig(top_rank=d, target_explained_variance=None, max_samples=m, max_parameters=max(n, 1),
+                        device="cpu", gradient_collection="loop", subspace_method="svd")
+    sub = FisherSubspaceAnalyzer(fcfg).analyze(module, [tsafety], safety_loss)
+    t_fisher = time.perf_counter() - t0
+    cur = CurvatureCouplingAnalyzer(CurvatureConfig(device="cpu")).analyze(module, [tb], ft_loss, sub)
+    t_ar = time.perf_counter() - t0
+
+    # ---- alignment_geom (jax)
+    def run_measure():
+        return aic.measure(model.loss_fn, model.params, model.batch, None, None, d, fisher="empirical",
+                           logprob_fn=model.logprob_fn, safety_batch=safety, tol=1e-10,
+                           trace_matvecs=60 if quick else 300)
+
+    t0 = time.perf_counter()
+    rep = run_measure()
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rep = run_measure()
+    t_second = time.perf_counter() - t0
+
+    ev_ar = np.asarray(sub.fisher_eigenvalues, np.float64)
+    ev_j = np.asarray(rep.eigvals, np.float64)
+    ev_rel = float(np.max(np.abs(ev_ar - ev_j) / np.abs(ev_ar)))
+    eps_rel = abs(cur.epsilon_hat - rep.eps_F) / abs(cur.epsilon_hat)
+    gam_rel = abs(cur.gamma_hat - rep.gamma_F) / abs(cur.gamma_hat)
+    out = {
+        "model": model.name, "n_params": n, "d": d, "m_safety": m, "dtype": "float64",
+        "alignment_risk_s": t_ar, "alignment_risk_fisher_s": t_fisher,
+        "aic_measure_first_s": t_first, "aic_measure_second_s": t_second,
+        "time_ratio_first": t_ar / t_first, "time_ratio_second": t_ar / t_second,
+        "eigvals_alignment_risk": ev_ar.tolist(), "eigvals_aic": ev_j.tolist(),
+        "eps_hat": cur.epsilon_hat, "eps_F": rep.eps_F, "gamma_hat": cur.gamma_hat, "gamma_F": rep.gamma_F,
+        "eigvals_max_rel_diff": ev_rel, "eps_rel_diff": eps_rel, "gamma_rel_diff": gam_rel,
+    }
+    out["agree"] = bool(max(ev_rel, eps_rel, gam_rel) <= AGREE_TOL)
+    log(f"[torch] alignment-risk vs aic.measure (mlp, d={d}, m={m}, float64): alignment-risk {t_ar:.2f}s, "
+        f"aic.measure {t_first:.2f}s first / {t_second:.2f}s second; rel diff eigvals {ev_rel:.1e}, "
+        f"eps {eps_rel:.1e}, gamma {gam_rel:.1e}")
+    return out
+
+
+def main(argv=None, quick: bool = False, log=print):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--models", default="mlp,transformer")
+    args = ap.parse_args([] if argv is None else argv)
+    quick = quick or args.quick
+    ok, ver = torch_available()
+    if not ok:
+        log(f"[torch] skipped: {ver}")
+        return {"skipped": ver}
+    import jax
+    import torch
+
+    jax.config.update("jax_enable_x64", True)  # the agreement checks run in float64; timings in float32
+    out = {"torch": ver, "torch_threads": torch.get_num_threads()}
+    for name in args.models.split(","):
+        out[f"hvp_{name}"] = bench_hvp(name, quick=quick, reps=2 if quick else args.reps, log=log)
+    try:
+        out["aic_vs_alignment_risk"] = bench_aic(quick=quick, log=log)
+    except Exception as e:  # report, do not hide, a failure of the optional peer
+        out["aic_vs_alignment_risk"] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"[torch] aic vs alignment-risk failed: {type(e).__name__}: {e}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark scripts (benchmarks/): they import, run in --quick mode on tiny models
+and write valid JSON. No timing is asserted (timings on a shared CI machine are not a test)."""
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+def test_run_quick_writes_json(tmp_path):
+    from benchmarks import run
+
+    out = tmp_path / "results.json"
+    res = run.main(["--quick", "--sections", "curvature,sweep", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["quick"] is True
+    assert data["environment"]["jax"] == jax.__version__
+    assert data["environment"]["cpu_count"] >= 1
+    cur = data["curvature"]["mlp"]
+    for op in ("hvp", "linearized_hvp", "fisher_vp"):
+        assert math.isfinite(cur["ratio_to_grad"][op]) and cur["ratio_to_grad"][op] > 0
+    assert cur["dtype"] == ["float32"]  # the timed operators really run in float32
+    sw = data["sweep"]
+    # the vmapped sweep computes the same flows as the loop
+    assert sw["max_abs_diff_vmapped_vs_loop"] <= 1e-5 * max(1.0, sw["displacement_scale"])
+    quantities = [r["quantity"] for r in data["table"]]
+    assert any(q.startswith("hvp / grad") for q in quantities)
+    assert res["seconds"]["total"] > 0
+
+
+def test_mlp_model_size():
+    from benchmarks.models import mlp_model, n_params, small_variant
+
+    assert n_params(mlp_model().params) == 1_055_242
+    with pytest.raises(ValueError, match="unknown model"):
+        small_variant("resnet")
+
+
+def test_torch_mirror_hvp_agrees():
+    """The PyTorch mirrors compute the same loss (both models) and the same H·v (MLP) as alignment_geom
+    (float64; the benchmark itself checks the transformer's H·v on the full-size model)."""
+    torch = pytest.importorskip("torch")
+    from alignment_geom import curvature as C
+    from benchmarks.models import small_variant
+    from benchmarks.torch_peer import build_torch_module, torch_batch, torch_hvp
+
+    tf = small_variant("transformer", dtype=jnp.float64)
+    np.testing.assert_allclose(float(build_torch_module(tf, "float64").loss(torch_batch(tf)).detach()),
+                               float(tf.loss_fn(tf.params, tf.batch)), rtol=1e-12)
+    for name in ("mlp",):
+        model = small_variant(name, dtype=jnp.float64)
+        module = build_torch_module(model, "float64")
+        tb = torch_batch(model)
+        leaves, treedef = jax.tree_util.tree_flatten(model.params)
+        rng = np.random.default_rng(0)
+        v_np = [rng.standard_normal(x.shape) for x in leaves]
+        v = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in v_np])
+        order = {n: i for i, n in enumerate(module.jax_order)}
+        names = [n for n, _ in module.named_parameters()]
+        hv_t = torch_hvp(module, tb, [torch.tensor(v_np[order[n]]) for n in names])
+        hv_j = jax.tree_util.tree_leaves(C.hvp(model.loss_fn, model.params, v, model.batch))
+        np.testing.assert_allclose(float(module.loss(tb).detach()), float(model.loss_fn(model.params, model.batch)),
+                                   rtol=1e-12)
+        for n, t in zip(names, hv_t):
+            np.testing.assert_allclose(t.numpy(), np.asarray(hv_j[order[n]]), rtol=1e-9, atol=1e-12, err_msg=n)

@@ -1,0 +1,319 @@
+"""alignment_geom.spectral against dense float64 oracles (n ≤ 200)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from alignment_geom import spectral as sp
+from alignment_geom import testing as T
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _like(n1=30, n2=(10, 3)):
+    return {"a": jnp.zeros((n1,)), "b": jnp.zeros(n2)}
+
+
+def _op(A, like):
+    _, unravel = ravel_pytree(like)
+    return lambda v: unravel(A @ ravel_pytree(v)[0])
+
+
+def _wishart(n, p, seed):
+    X = np.random.default_rng(seed).standard_normal((p, n))
+    return jnp.asarray(X.T @ X / p)
+
+
+def _check_pairs(A, lam, vecs, res, k, *, which="LA", rtol=1e-10, rtol_res=1e-8):
+    w, U = np.linalg.eigh(np.asarray(A))
+    order = np.argsort(-w if which == "LA" else -np.abs(w))[:k]
+    w, U = w[order], U[:, order]
+    np.testing.assert_allclose(np.asarray(lam), w, rtol=rtol)
+    assert np.all(np.asarray(res) <= rtol_res), res
+    V = np.asarray(sp.as_matrix(vecs))
+    np.testing.assert_allclose(V @ V.T, np.eye(k), atol=1e-12)
+    # each Ritz vector is the true eigenvector up to sign (eigenvalues are simple here)
+    np.testing.assert_allclose(np.abs(np.sum(V * U.T, axis=1)), 1.0, atol=1e-8)
+
+
+MASK = {"a": True, "b": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _solver(method, k=5, num_steps=60, tol=1e-10, which="LA", masked=False):
+    """One jitted solver per configuration; the matrix is an argument, so tests share compilations."""
+    like = _like()
+
+    def f(A, key):
+        return sp.top_eigenpairs(_op(A, like), like, k, key=key, method=method, num_steps=num_steps, tol=tol,
+                                 which=which, mask=MASK if masked else None, return_info=True)
+
+    return jax.jit(f)
+
+
+def _spiked(n=60, spikes=(9.0, 7.0, 5.5, 4.5, 3.5), seed=2):
+    U = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, len(spikes))))[0]
+    return _wishart(n, 80, 1) + jnp.asarray(U @ np.diag(spikes) @ U.T)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "lobpcg", "randomized"])
+def test_top_eigenpairs_wishart(method):
+    """Planted separated spikes on a Wishart bulk: the three methods agree with eigh."""
+    A = _spiked()
+    lam, vecs, res, info = _solver(method)(A, KEY)
+    assert bool(info.converged)
+    assert int(info.num_matvecs) > 0
+    _check_pairs(A, lam, vecs, res, 5)
+    like = _like()
+    assert jax.tree_util.tree_structure(vecs) == jax.tree_util.tree_structure(like)
+    assert vecs["b"].shape == (5, 10, 3)
+
+
+def test_lanczos_plain_wishart_tolerance_and_rank_deficient():
+    f = _solver("lanczos")
+    # plain Wishart (no planted gap): converges by m = n at the latest, to machine precision
+    A = _wishart(60, 70, 3)
+    lam, vecs, res, info = f(A, KEY)
+    _check_pairs(A, lam, vecs, res, 5)
+    # a spectrum with a gap: the tolerance stop fires early, and the estimate matches the true residual
+    n = 60
+    rng = np.random.default_rng(5)
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    ev = np.concatenate([[10, 8, 6, 5, 4], 0.1 * rng.random(n - 5)])
+    A = jnp.asarray(Q @ np.diag(ev) @ Q.T)
+    lam, vecs, res, info = f(A, KEY)
+    assert bool(info.converged) and int(info.num_matvecs) < 40
+    _check_pairs(A, lam, vecs, res, 5, rtol_res=1e-9)
+    np.testing.assert_allclose(np.asarray(info.residual_estimates), np.asarray(res), rtol=1e-3, atol=1e-13)
+    # rank 3 < k = 5: breakdown handled by restarting; the extra pairs are zeros in the null space
+    B = jnp.asarray(Q[:, :3] @ np.diag([3.0, 2.0, 1.0]) @ Q[:, :3].T)
+    lam, vecs, _, info = f(B, KEY)
+    np.testing.assert_allclose(np.asarray(lam), [3, 2, 1, 0, 0], atol=1e-12)
+    V = np.asarray(sp.as_matrix(vecs))
+    np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-12)
+
+
+def test_lanczos_dense_hessian_indefinite():
+    """Dense Hessian of a tanh MLP with n = 3·7 + 7 + 7·4 + 4 = 60 parameters (indefinite)."""
+    mdl = T.mlp_model(jax.random.PRNGKey(3), n_in=3, hidden=7, n_out=4)
+    H, _, _ = T.dense_hessian(mdl.loss_fn, mdl.params, mdl.batch)
+    assert H.shape == (60, 60) and np.min(np.linalg.eigvalsh(np.asarray(H))) < 0
+    for which in ("LA", "LM"):
+        lam, vecs, res, info = _solver("lanczos", which=which)(H, KEY)
+        assert bool(info.converged)
+        _check_pairs(H, lam, vecs, res, 5, which=which)
+
+
+def test_mask_restricts_operator():
+    A = _spiked(seed=6)
+    lam, vecs, res, _ = _solver("lanczos", masked=True)(A, KEY)
+    Ass = np.asarray(A)[:30, :30]
+    w = np.sort(np.linalg.eigvalsh(Ass))[::-1][:5]
+    np.testing.assert_allclose(np.asarray(lam), w, rtol=1e-10)
+    assert np.all(np.asarray(vecs["b"]) == 0)
+    assert np.all(np.asarray(res) <= 1e-8)
+
+
+def test_gram_eigenpairs_empirical_fisher():
+    """F̂ = (1/m) GᵀG with per-example gradients as a pytree (leading axis m) or an (m, n) array."""
+    params, logprob_fn, batch, Am = _linear_logprob_problem(m=8)
+    from alignment_geom import curvature as C
+
+    G = C.per_example_grads(logprob_fn, params, batch)
+    np.testing.assert_allclose(np.asarray(sp.as_matrix(G)), Am, rtol=1e-12)
+    m = Am.shape[0]
+    Fhat = Am.T @ Am / m
+    lam, vecs, res = sp.gram_eigenpairs(G, 5)
+    _check_pairs(jnp.asarray(Fhat), lam, vecs, res, 5)
+    lam2, V2, _ = sp.gram_eigenpairs(jnp.asarray(Am), 5)
+    np.testing.assert_allclose(np.asarray(lam2), np.asarray(lam), rtol=1e-12)
+    assert V2.shape == (5, Am.shape[1])
+    with pytest.raises(ValueError):
+        sp.gram_eigenpairs(G, 9)
+
+
+def test_traces_within_stated_error():
+    like = _like()
+    A = _wishart(60, 90, 8)
+    tr = float(jnp.trace(A))
+
+    @jax.jit
+    def traces(A, key):
+        mv = _op(A, like)
+        return (sp.dense_trace(mv, like), sp.dense_trace(mv, like, mask=MASK),
+                sp.hutchinson_trace(mv, like, 200, key=key), sp.hutchpp_trace(mv, like, 90, key=key))
+
+    dense, dense_m, (h, h_se), (hpp, hpp_se) = traces(A, KEY)
+    np.testing.assert_allclose(float(dense), tr, rtol=1e-12)
+    np.testing.assert_allclose(float(dense_m), float(jnp.trace(A[:30, :30])), rtol=1e-12)
+    assert 0 < float(h_se) < 0.05 * tr
+    assert abs(float(h) - tr) <= 4 * float(h_se)
+    assert float(hpp_se) > 0
+    assert abs(float(hpp) - tr) <= 4 * float(hpp_se)
+    # Hutch++ is exact when rank(A) ≤ num_matvecs // 3
+    Q = np.linalg.qr(np.random.default_rng(9).standard_normal((60, 5)))[0]
+    B = jnp.asarray(Q @ np.diag([5.0, 4, 3, 2, 1]) @ Q.T)
+    np.testing.assert_allclose(float(traces(B, KEY)[3][0]), 15.0, rtol=1e-10)
+
+
+def test_slq_trace_and_density():
+    like = _like()
+    A = _wishart(60, 90, 10)
+    w = np.linalg.eigvalsh(np.asarray(A))
+    res = jax.jit(lambda A, key: sp.slq(_op(A, like), like, 12, 40, key=key))(A, KEY)
+    np.testing.assert_allclose(np.asarray(res.weights).sum(axis=1), 1.0, rtol=1e-12)
+    for f in (lambda x: x, lambda x: x ** 2, jnp.exp):
+        est, se = sp.slq_trace(res, f)
+        exact = float(np.sum(np.asarray(f(jnp.asarray(w)))))
+        assert abs(float(est) - exact) <= 4 * float(se), (float(est), exact, float(se))
+    grid = jnp.linspace(-1.0, 5.0, 601)
+    sigma = 0.3
+    dens = np.asarray(sp.spectral_density(res, grid, sigma))
+    np.testing.assert_allclose(np.trapezoid(dens, np.asarray(grid)), 1.0, atol=1e-3)
+    exact = np.mean(np.exp(-0.5 * ((np.asarray(grid)[:, None] - w[None]) / sigma) ** 2), axis=1) / (
+        sigma * np.sqrt(2 * np.pi))
+    # pointwise standard error over probes
+    d = np.asarray(grid)[:, None, None] - np.asarray(res.nodes)[None]
+    per = np.sum(np.asarray(res.weights)[None] * np.exp(-0.5 * (d / sigma) ** 2), axis=2) / (sigma * np.sqrt(2 * np.pi))
+    se = per.std(axis=1, ddof=1) / np.sqrt(per.shape[1])
+    assert np.all(np.abs(dens - exact) <= 4 * se + 1e-6)
+
+
+def test_energy_and_effective_rank():
+    lam = jnp.asarray([4.0, 3.0, 2.0, 1.0])
+    np.testing.assert_allclose(np.asarray(sp.cumulative_energy(lam)), [0.4, 0.7, 0.9, 1.0])
+    np.testing.assert_allclose(np.asarray(sp.cumulative_energy(lam, total=20.0)), [0.2, 0.35, 0.45, 0.5])
+    assert sp.dim_for_energy(lam, 0.7) == 2 and sp.dim_for_energy(lam, 0.71) == 3
+    assert sp.dim_for_energy(lam, 0.9, total=100.0) == 4
+    np.testing.assert_allclose(float(sp.effective_rank(jnp.ones(5))), 5.0, rtol=1e-12)
+    np.testing.assert_allclose(float(sp.effective_rank(lam, "participation")), 100.0 / 30.0, rtol=1e-12)
+    np.testing.assert_allclose(float(sp.effective_rank(lam, "stable")), 2.5, rtol=1e-12)
+    p = np.asarray(lam) / 10
+    np.testing.assert_allclose(float(sp.effective_rank(lam)), np.exp(-np.sum(p * np.log(p))), rtol=1e-12)
+    with pytest.raises(ValueError):
+        sp.effective_rank(lam, "nope")
+
+
+def test_principal_angles():
+    rng = np.random.default_rng(11)
+    n = 40
+    A = rng.standard_normal((3, n))
+    B = rng.standard_normal((5, n))
+    qa = np.linalg.qr(A.T)[0]
+    qb = np.linalg.qr(B.T)[0]
+    ref = np.arccos(np.clip(np.linalg.svd(qa.T @ qb, compute_uv=False), 0, 1))
+    np.testing.assert_allclose(np.asarray(sp.principal_angles(A, B)), np.sort(ref), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(sp.principal_angles(B, A)), np.sort(ref), atol=1e-12)
+    # known small angles (where arccos loses accuracy) and a pytree basis
+    Q = np.linalg.qr(rng.standard_normal((n, 6)))[0]
+    phi = np.array([1e-9, 1e-5, 0.3])
+    Ua = Q[:, :3].T
+    Ub = (np.cos(phi)[:, None] * Q[:, :3].T + np.sin(phi)[:, None] * Q[:, 3:6].T)
+    unr = ravel_pytree({"x": jnp.zeros((10, 2)), "y": jnp.zeros(20)})[1]
+    tree_b = jax.vmap(unr)(jnp.asarray(Ub))
+    got = np.asarray(sp.principal_angles(jnp.asarray(Ua), tree_b))
+    np.testing.assert_allclose(got, phi, rtol=1e-7, atol=1e-15)
+    with pytest.raises(ValueError):
+        sp.principal_angles(np.ones((2, 5)), np.ones((2, 6)))
+
+
+def _linear_logprob_problem(m=5, n_w=(20, 3), n_b=10, seed=12):
+    rng = np.random.default_rng(seed)
+    params = {"W": jnp.asarray(rng.standard_normal(n_w)), "b": jnp.asarray(rng.standard_normal(n_b))}
+    n = int(np.prod(n_w)) + n_b
+    Amat = jnp.asarray(rng.standard_normal((m, n)))
+    _, unravel = ravel_pytree(params)
+
+    def logprob_fn(p, batch):
+        # log π(yᵢ|xᵢ) linear in θ: gᵢ = aᵢ exactly, F̂ = AᵀA/m
+        return batch["a"] @ ravel_pytree(p)[0] + batch["c"]
+
+    batch = {"a": Amat, "c": jnp.asarray(rng.standard_normal(m))}
+    return params, logprob_fn, batch, np.asarray(Amat)
+
+
+def test_random_subspace_fisher_known_fisher():
+    params, logprob_fn, batch, Am = _linear_logprob_problem()
+    m, n = Am.shape
+    Fhat = Am.T @ Am / m
+    k = 512
+    rs = jax.jit(lambda p, b: sp.random_subspace_fisher(logprob_fn, p, b, k, key=KEY, block_size=16,
+                                                        example_batch_size=2))(params, batch)
+    S = np.asarray(sp.random_sketch_matrix(params, k, key=KEY, block_size=16))
+    assert S.shape == (k, n)
+    np.testing.assert_allclose(np.asarray(rs.Z), Am @ S.T, rtol=1e-10, atol=1e-10)
+    FS = S @ Fhat @ S.T
+    np.testing.assert_allclose(np.asarray(rs.eigvals), np.sort(np.linalg.eigvalsh(FS))[::-1][:m], rtol=1e-10)
+    # Ostrowski + Wishart extremes: each ratio λ_j(F_S)/λ_j(F̂) lies in [(1−√(m/k)−4/√k)², (1+√(m/k)+4/√k)²]
+    true = np.sort(np.linalg.eigvalsh(Fhat))[::-1][:m]
+    ratio = np.asarray(rs.eigvals) / true
+    lo, hi = (1 - np.sqrt(m / k) - 4 / np.sqrt(k)) ** 2, (1 + np.sqrt(m / k) + 4 / np.sqrt(k)) ** 2
+    assert np.all((ratio >= lo) & (ratio <= hi)), ratio
+    # with r = rank(G) = m the mapped-back vectors span range(F̂) exactly
+    w, U = np.linalg.eigh(Fhat)
+    top = U[:, np.argsort(-w)[:m]].T
+    ang = np.asarray(sp.principal_angles(rs.eigvecs, jnp.asarray(top)))
+    assert np.max(ang) < 1e-8
+    V = np.asarray(sp.as_matrix(rs.eigvecs))
+    np.testing.assert_allclose(np.asarray(rs.rayleigh), np.sum((V @ Fhat) * V, axis=1), rtol=1e-10)
+    # sketch_transpose is the adjoint of sketch
+    wv = jnp.asarray(np.random.default_rng(0).standard_normal(k))
+    St_w = ravel_pytree(sp.sketch_transpose(wv, params, key=KEY, block_size=16))[0]
+    np.testing.assert_allclose(np.asarray(St_w), S.T @ np.asarray(wv), rtol=1e-10, atol=1e-10)
+
+
+def test_random_subspace_fisher_mask():
+    params, logprob_fn, batch, Am = _linear_logprob_problem(seed=13)
+    mask = {"W": True, "b": False}
+    rs = sp.random_subspace_fisher(logprob_fn, params, batch, 64, key=KEY, mask=mask, block_size=16)
+    S = np.asarray(sp.random_sketch_matrix(params, 64, key=KEY, mask=mask, block_size=16))
+    assert np.all(S[:, 60:] == 0)
+    Amask = Am.copy()
+    Amask[:, 60:] = 0
+    np.testing.assert_allclose(np.asarray(rs.Z), Amask @ S.T, rtol=1e-10, atol=1e-10)
+    assert np.all(np.asarray(rs.eigvecs["b"]) == 0)
+
+
+def test_sharded_equals_unsharded():
+    devs = np.array(jax.devices()[:8])
+    assert devs.size == 8
+    mesh = Mesh(devs, ("x",))
+    mdl = T.softmax_regression_model(jax.random.PRNGKey(14), n_in=16, n_out=4, m=24)
+    from alignment_geom import curvature as C
+
+    def solve(p, key):
+        fvp = C.linearized_fisher_vp(mdl.logits_fn, p, mdl.inputs)
+        return sp.top_eigenpairs(fvp, p, 4, key=key, num_steps=40)
+
+    f = jax.jit(solve)
+    lam0, v0, r0 = f(mdl.params, KEY)
+    sharded = {"W": jax.device_put(mdl.params["W"], NamedSharding(mesh, PartitionSpec("x", None))),
+               "b": jax.device_put(mdl.params["b"], NamedSharding(mesh, PartitionSpec()))}
+    assert len(sharded["W"].sharding.device_set) == 8
+    lam1, v1, r1 = f(sharded, KEY)
+    np.testing.assert_allclose(np.asarray(lam1), np.asarray(lam0), rtol=1e-12)
+    T.assert_trees_all_close(v1, v0, rtol=1e-8, atol=1e-10)
+    F = T.dense_fisher(mdl.logits_fn, mdl.params, mdl.inputs)
+    np.testing.assert_allclose(np.asarray(lam0), np.sort(np.linalg.eigvalsh(np.asarray(F)))[::-1][:4], rtol=1e-10)
+
+
+def test_bad_inputs():
+    like = _like()
+    A = _wishart(60, 70, 1)
+    mv = _op(A, like)
+    with pytest.raises(ValueError, match="method"):
+        sp.top_eigenpairs(mv, like, 2, key=KEY, method="arnoldi")
+    with pytest.raises(ValueError, match="k must"):
+        sp.top_eigenpairs(mv, like, 0, key=KEY)
+    with pytest.raises(ValueError, match="exceeds"):
+        sp.top_eigenpairs(mv, like, 61, key=KEY)
+    with pytest.raises(ValueError, match="which"):
+        sp.top_eigenpairs(mv, like, 2, key=KEY, which="SA")
+    with pytest.raises(ValueError, match="5k < n"):
+        sp.top_eigenpairs(mv, like, 20, key=KEY, method="lobpcg")
+    with pytest.raises(ValueError, match="num_steps"):
+        sp.top_eigenpairs(mv, like, 5, key=KEY, num_steps=3)
