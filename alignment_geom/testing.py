@@ -229,5 +229,6 @@ def dense_fisher(logits_fn, params, inputs):
     C = z.shape[-1]
     J = jax.jit(jax.jacfwd(lambda f: logits_fn(unravel(f), inputs)))(flat).reshape(-1, C, flat.shape[0])
     p = jax.nn.softmax(z.reshape(-1, C), axis=-1)
-    Lam = jax.vmap(lambda pi: jnp.diag(pi) - jnp.outer(pi, pi))(p)
-    return jnp.einsum("bcn,bcd,bdm->nm", J, Lam, J) / J.shape[0]
+    LamJ = p[:, :, None] * J - p[:, :, None] * jnp.einsum("bc,bcn->bn", p, J)[:, None, :]  # (diag p − ppᵀ) J
+    n = flat.shape[0]
+    return J.reshape(-1, n).T @ LamJ.reshape(-1, n) / J.shape[0]

@@ -11,7 +11,8 @@ fig10_fisher_spectrum, fig11_table1 and lm_table1 (both), each PNG + PDF.
 Fields: model (width, layers, heads, mlp_ratio, context), data sizes (n_pretrain/n_align per task, n_ft, n_eval,
 n_safety = the safe completions of the Fisher, n_pool/n_top for alpaca_top100), optimisation (lr_*, epochs_*,
 batch sizes, LoRA rank/alpha/targets), the Fisher (d = subspace dim, d_exact Lanczos pairs, k_subspace = the
-paper's random-subspace dim, k_list for the convergence check), AIC (n_aic batch, gd_lr = η, gd_steps,
+paper's random-subspace dim of the empirical Fisher, k_list for the convergence check, subspace_chunk = examples
+per vmapped chunk of it), AIC (n_aic batch, gd_lr = η, gd_steps, gd_points, trace_matvecs,
 aic_energy_min, aic_orth_max), intruder dimensions (top_k, threshold).
 """
 import ml_collections
@@ -20,9 +21,10 @@ from alignment_geom import runner
 
 PRESETS = {
     "smoke": dict(width=32, layers=1, heads=2, mlp_ratio=2, n_pretrain=300, n_align=100, epochs_pretrain=8,
-                  epochs_align=3, lr_pretrain=1e-2, lr_align=3e-3, n_ft=64, n_eval=32, n_safety=16, d=4, d_exact=8,
-                  k_subspace=128, k_list=(32, 64), n_aic=16, gd_steps=20, n_pool=64, n_top=16, taylor_order=0,
-                  tasks=("gsm8k", "samsum", "alpaca_top100"), subspace_chunk=64, du_points=4),
+                  epochs_align=3, lr_pretrain=1e-2, lr_align=3e-3, n_ft=16, n_eval=16, n_safety=8, d=2, d_exact=4,
+                  lanczos_iters=24, k_subspace=64, k_list=(16,), n_aic=8, gd_steps=8, gd_points=4, trace_matvecs=12,
+                  n_pool=32, n_top=16, taylor_order=0, tasks=("samsum", "alpaca_top100"), subspace_chunk=8,
+                  du_points=2, intruder_top_k=4),
     "default": dict(),
     "full": dict(width=128, layers=4, heads=8, n_pretrain=8000, n_align=800, n_ft=4000, n_eval=512, n_safety=100,
                  d=32, d_exact=128, k_subspace=4096, k_list=(256, 1024), n_aic=512, gd_steps=400, n_pool=4000, n_top=100),
@@ -53,10 +55,12 @@ def get_config(arg=None):
     c.lora_targets = ("q", "k", "v", "o", "mlp_in", "mlp_out")
     c.du_points = 16
     # Fisher of the safety skill
-    c.d, c.d_exact, c.lanczos_iters = 16, 32, 0
+    c.d, c.d_exact = 16, 32
+    c.lanczos_iters, c.lanczos_tol = 0, 0.0  # 0: spectral.top_eigenpairs' default steps / no early stop
     c.k_subspace, c.k_list, c.subspace_chunk = 1024, (128, 256), 128   # the paper's k = 4096: the :full preset
     # AIC / onset
-    c.n_aic, c.gd_lr, c.gd_steps = 64, 1e-2, 100
+    c.n_aic, c.gd_lr, c.gd_steps, c.gd_points = 64, 1e-2, 100, 40  # Δu recorded at gd_points log-spaced steps
+    c.trace_matvecs = 300      # Hutch++ matvecs for tr F (aic.measure; exact when n ≤ 2048)
     c.taylor_order = 4         # a_0..a_4 by flow.utility_taylor (0 = skip: its compile is the slowest step)
     c.aic_energy_min, c.aic_orth_max = 0.9, 0.1
     c.onset_task = "alpaca_top100"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from alignment_geom import curvature, lm
+from alignment_geom import aic as A
+from alignment_geom import lm, spectral
 from alignment_geom import lm_data as D
 from alignment_geom.experiments import lm_table1 as T
 from alignment_geom.testing import assert_trees_all_close
@@ -132,53 +133,75 @@ def test_checkpoint_roundtrip(tiny, tmp_path):
 # --------------------------------------------------------------------------- Fisher, OS, intruders
 
 
-def test_lanczos_matches_dense_fisher(tiny):
-    params, _, safety = tiny
+@pytest.fixture(scope="module")
+def tiny_fishers(tiny):
+    """Dense oracles at the tiny model: true Fisher F (n×n) and the per-example gradient matrix G (m×n) of
+    log π(safe completion | prompt), so F̂ = GᵀG/m."""
+    params, data, safety = tiny
     lf = lambda p, x: lm.completion_logits(TINY, p, x)  # noqa: E731
     Fd = _dense_fisher(lf, params, safety)
     flat, unravel = ravel_pytree(params)
-    mv = curvature.linearized_fisher_vp(lf, params, safety)
-    ev, U = T.lanczos_top(jax.jit(lambda f: ravel_pytree(mv(unravel(f)))[0]), flat.shape[0], 5,
-                          key=jax.random.PRNGKey(0), iters=60)
+    lpb = T.safety_logprob_batch(data, 2, 13)
+    lp = lambda p, b: lm.logprob_fn(TINY, p, b)  # noqa: E731
+    G = np.asarray(jax.jacrev(lambda f: lp(unravel(f), lpb))(flat))
+    return lf, Fd, lp, lpb, G
+
+
+def test_exact_fisher_matches_dense(tiny, tiny_fishers):
+    params, _, safety = tiny
+    lf, Fd, _, _, _ = tiny_fishers
+    ev, U, res, info = T.exact_fisher(lf, params, safety, 5, key=jax.random.PRNGKey(0), num_steps=60)
     ref = np.sort(np.linalg.eigvalsh(Fd))[::-1][:5]
     np.testing.assert_allclose(ev, ref, rtol=1e-9)
-    np.testing.assert_allclose(np.linalg.norm(Fd @ U - U * ev, axis=0), 0, atol=1e-8 * ref[0])
+    Um = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(U)).T  # (n, 5)
+    np.testing.assert_allclose(np.linalg.norm(Fd @ Um - Um * np.asarray(ev), axis=0), 0, atol=1e-8 * ref[0])
+    assert int(info.num_matvecs) == 60 and float(np.max(res)) < 1e-8
 
 
-def test_random_subspace_fisher_is_sketch_and_converges(tiny):
-    params, _, safety = tiny
-    lf = lambda p, x: lm.completion_logits(TINY, p, x)  # noqa: E731
-    Fd = _dense_fisher(lf, params, safety)
-    flat, unravel = ravel_pytree(params)
-    n = flat.shape[0]
-    # exact identity F_R = Rᵀ F R: with deltas = the unit vectors, proj = Rᵀ itself
-    eye = jax.vmap(unravel)(jnp.eye(n, dtype=flat.dtype))
-    FR, Rt = T.random_subspace_fisher(lf, params, safety, 48, key=jax.random.PRNGKey(1), chunk=32, deltas=eye)
-    np.testing.assert_allclose(FR, Rt @ Fd @ Rt.T, rtol=1e-10, atol=1e-12 * np.abs(FR).max())
-    # top eigenvalues approach F's as k grows (E[R Rᵀ] = I, error ~ √(r/k))
-    ref = np.sort(np.linalg.eigvalsh(Fd))[::-1][:3]
-    errs = []
-    for k in (32, 512, 8192):
-        Zk, _ = T.random_subspace_fisher(lf, params, safety, k, key=jax.random.PRNGKey(2), chunk=256,
-                                         return_factor=True)
-        top = np.linalg.svd(Zk, compute_uv=False)[:3] ** 2  # = top eigenvalues of F_R = Z Zᵀ
-        errs.append(np.max(np.abs(top - ref) / ref))
+def test_random_subspace_fisher_is_sketch_and_converges(tiny, tiny_fishers):
+    """The paper's estimator: F_S = S F̂ Sᵀ exactly (F̂ = GᵀG/m the empirical Fisher of the safe completions);
+    S δ for the deltas uses the same S; F_S's top eigenvalues approach F̂'s as k grows."""
+    params, _, _ = tiny
+    _, _, lp, lpb, G = tiny_fishers
+    m, n = G.shape
+    Fe = G.T @ G / m
+    key = jax.random.PRNGKey(1)
+    deltas = jax.vmap(ravel_pytree(params)[1])(jnp.asarray(np.random.default_rng(0).normal(size=(2, n))))
+    rs, sd = T.random_subspace(lp, params, lpb, 48, key=key, deltas=deltas)
+    S = np.asarray(spectral.random_sketch_matrix(params, 48, key=key, block_size=T.sketch_block_size(48)))
+    FS = S @ Fe @ S.T
+    np.testing.assert_allclose(np.asarray(rs.Z).T @ np.asarray(rs.Z) / m, FS, rtol=1e-10, atol=1e-12 * np.abs(FS).max())
+    np.testing.assert_allclose(rs.eigvals, np.sort(np.linalg.eigvalsh(FS))[::-1][:m], rtol=1e-9, atol=1e-12 * FS.max())
+    D = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(deltas))
+    np.testing.assert_allclose(sd, D @ S.T, rtol=1e-10, atol=1e-12 * np.abs(sd).max())
+    # top eigenvalues approach F̂'s as k grows (Wishart error ~ √(r/k)); k-column prefixes of one sketch
+    ref = np.sort(np.linalg.eigvalsh(Fe))[::-1][:m]
+    rsK, _ = T.random_subspace(lp, params, lpb, 4096, key=jax.random.PRNGKey(2))
+    conv = T.subspace_convergence(rsK.Z, (32, 512, 4096), ref)
+    errs = [conv[str(k)]["rel_err"] for k in (32, 512, 4096)]
+    np.testing.assert_allclose(conv["4096"]["top"], np.asarray(rsK.eigvals)[:m], rtol=1e-9)
     assert errs[2] < errs[1] < errs[0] and errs[2] < 0.1, errs
 
 
 def test_overlap_score_inside_and_orthogonal():
+    """aic.overlap_score, as the pipeline calls it: OS = 1 inside the subspace, 0 orthogonal to it."""
     rng = np.random.default_rng(0)
     Q, _ = np.linalg.qr(rng.normal(size=(60, 60)))
-    basis, rest = Q[:, :5], Q[:, 5:]
-    inside = basis @ rng.normal(size=5)
-    outside = rest @ rng.normal(size=55)
-    assert T.overlap_score(inside, basis) == pytest.approx(1.0, abs=1e-14)
-    assert T.overlap_score(outside, basis) == pytest.approx(0.0, abs=1e-14)
-    mixed = basis[:, 0] + rest[:, 0]
-    assert T.overlap_score(mixed, basis) == pytest.approx(np.sqrt(0.5), rel=1e-14)
-    w = np.array([4.0, 3.0, 2.0, 1.0, 0.5])
-    assert T.overlap_score(basis[:, 0], basis, w) == pytest.approx(1.0, rel=1e-14)
-    assert T.overlap_score(basis[:, 3], basis, w) == pytest.approx(0.5, rel=1e-14)
+    basis, rest = Q[:, :5].T, Q[:, 5:].T  # (d, n) rows
+    inside = basis.T @ rng.normal(size=5)
+    outside = rest.T @ rng.normal(size=55)
+    assert float(A.overlap_score(inside, basis)) == pytest.approx(1.0, abs=1e-14)
+    assert float(A.overlap_score(outside, basis)) == pytest.approx(0.0, abs=1e-14)
+    mixed = basis[0] + rest[0]
+    assert float(A.overlap_score(mixed, basis)) == pytest.approx(np.sqrt(0.5), rel=1e-14)
+    # Fisher-weighted: ‖F^{1/2}PΔ‖/‖F^{1/2}Δ‖ with F = Qᵀ diag(λ) Q
+    lam = np.concatenate([[4.0, 3.0, 2.0, 1.0, 0.5], np.full(55, 0.25)])
+    F = Q @ np.diag(lam) @ Q.T
+    sub = A.SensitiveSubspace(basis, lam[:5], np.zeros(5))
+    fvp = lambda v: F @ v  # noqa: E731
+    assert float(A.overlap_score(inside, sub, True, fisher_vp=fvp)) == pytest.approx(1.0, rel=1e-12)
+    assert float(A.overlap_score(basis[3] + rest[0], sub, True, fisher_vp=fvp)) == pytest.approx(
+        np.sqrt(1.0 / 1.25), rel=1e-12)
 
 
 def test_intruder_dimensions():

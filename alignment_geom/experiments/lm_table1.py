@@ -8,23 +8,33 @@ Pipeline (``run(config, workdir) -> dict``):
 2. The safety skill S: N = ``n_safety`` harmful prompts with their safe completion; its policy is the
    next-token distribution at the completion positions (:func:`lm.completion_logits`), so
    Δu(θ) = mean KL(π_θ* ‖ π_θ) over completion tokens and F = ∇²Δu(θ*) = mean Jᵀ(diag p − ppᵀ)J.
-   * exact, matrix-free: top-d eigenpairs of F by Lanczos (full re-orthogonalisation) on
-     ``curvature.linearized_fisher_vp``;
-   * the paper's random subspace: F_R = Rᵀ F R with R ∈ ℝ^{n×k} Gaussian, entries N(0, 1/k) (k = 4096 in
-     the paper), built as Z Zᵀ with Z = Λ^{1/2} J R / √N (k Jacobian-vector products, J never formed);
-     its top eigenvalues approach F's as k grows (E[R Rᵀ] = I);
-   * cumulative energy Σ_{j≤i} λ_j / tr F (tr F from the sketch, an unbiased Hutchinson estimate);
+   * exact, matrix-free: top-``d_exact`` eigenpairs of the true F by ``spectral.top_eigenpairs``
+     (Lanczos, full re-orthogonalisation) on ``curvature.linearized_fisher_vp`` (:func:`exact_fisher`);
+     P = the top-d projector (``aic.SensitiveSubspace``);
+   * the paper's random subspace (paper-notes §5): per-example gradients gᵢ = ∇ log π(safe completion |
+     prompt) projected into a k-dim random subspace, F_S = (1/m) Σ zᵢzᵢᵀ = S F̂ Sᵀ (k = 4096 in the paper):
+     ``spectral.random_subspace_fisher`` (:func:`random_subspace`). It sketches the *empirical* Fisher F̂
+     (the data's completions), not the true F, so its eigenvalues are checked against F̂'s exact ones
+     (``spectral.gram_eigenpairs`` of the per-example gradients) as k grows (``k_convergence``);
+   * cumulative energies (``spectral.cumulative_energy``): exact F ÷ tr F (``aic.measure``'s trace),
+     F_S and F̂ ÷ their own sums;
    * representation-space gradients: ∂ log π(safe completion | prompt)/∂h at the final hidden states h
      of the completion positions, one row per example; their squared singular values beside F's.
 3. For each benign task (gsm8k, orca_math, samsum, alpaca, dolly, wikitext and alpaca_top100, the
    ``n_top`` alpaca examples whose loss gradient at θ* has the largest cosine with the harmful-compliance
    gradient): full fine-tuning (1 epoch) and LoRA (3 epochs) from θ*; HS before/after (programmatic
    judge, 1–5 rubric on sampled answers; also greedy and the non-refusal fraction); Δu along training;
-   OS(Δθ) = ‖P Δθ‖ / ‖Δθ‖ with P the exact top-d projector (``os``) and with the random-subspace basis
-   (``os_rs`` = ‖U_dᵀ RᵀΔθ‖ / ‖RᵀΔθ‖, the paper's); LoRA intruder dimensions.
-4. Beyond the paper, per task at θ* (``aic_dtype``, float64 by default): λ = λ_d, ε_F = tr F − Σ_{j≤d} λ_j,
-   ε_g = ‖P g‖, γ_E = ‖P H g‖, γ_F = ‖F^{1/2} P H g‖, a_0..a_4 = ``flow.utility_taylor`` (Δu(θ(t)) = Σ a_k t^k),
-   and the measured Δu along small-η full-batch GD (t = η k) against the predicted Σ a_k t^k and γ_F² t⁴/8.
+   OS(Δθ) = ‖P Δθ‖ / ‖Δθ‖ (``aic.overlap_score``, ``os``), its Fisher-weighted form
+   ‖F^{1/2} P Δθ‖ / ‖F^{1/2} Δθ‖ (``os_fisher``) and the paper's random-subspace form
+   ``os_rs`` = ‖W_dᵀ SΔθ‖ / ‖SΔθ‖ (W_d: top-d eigenvectors of F_S); LoRA intruder dimensions.
+4. Beyond the paper, per task at θ* (``aic_dtype``, float64 by default): ``aic.measure`` with the Lanczos
+   subspace gives λ = λ_d, tr F, the tail Σ_{j>d} λ_j, ε_g = ‖P g‖, ε_F = ‖F^{1/2} P g‖, γ_E = ‖P H g‖,
+   γ_F = ‖F^{1/2} P H g‖, t_min, t0 and the c4 bounds γ_F²/8, λγ_E²/8; the table's ε = max(tail, ‖P g‖)
+   (the smallest ε meeting conditions 1–2); a_0..a_4 = ``flow.utility_taylor`` (Δu(θ(t)) = Σ a_k t^k);
+   and the measured Δu along small-η full-batch GD (``flow.discrete_path``, t = η k, ``gd_points``
+   log-spaced steps) against the predicted Σ a_k t^k and γ_F² t⁴/8. The verdicts are relative:
+   low rank = Σ_{j≤d} λ_j / tr F ≥ ``aic_energy_min``, orthogonal = ‖P g‖ ≤ ``aic_orth_max``·‖g‖,
+   coupled = t_min ≤ η·gd_steps.
 5. Pearson and Spearman correlations (scipy.stats) of OS with ΔHS, separately for full FT and LoRA;
    ``table1.md`` / ``table1.csv``; figures ``fig10_fisher_spectrum``, ``fig11_table1`` and ``lm_table1``
    (both side by side), each PNG + PDF.
@@ -35,16 +45,17 @@ import csv
 import math
 import os
 import time
-from typing import Any, Callable, Dict
+from functools import partial
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from alignment_geom import curvature, lm, runner
+from alignment_geom import aic as A
+from alignment_geom import curvature, flow, lm, runner, spectral
 from alignment_geom import lm_data as D
-from alignment_geom._tree import tree_cast, tree_dot, tree_random_normal, tree_sub
+from alignment_geom._tree import tree_cast, tree_dot, tree_map, tree_sub
 
 FT_TASKS = D.BENIGN_TASKS + ("alpaca_top100",)
 
@@ -54,11 +65,14 @@ FT_TASKS = D.BENIGN_TASKS + ("alpaca_top100",)
 
 def validate(config):
     for f in ("width", "layers", "heads", "context", "n_pretrain", "n_align", "n_ft", "n_safety", "n_eval",
-              "d", "k_subspace", "n_aic", "gd_steps", "lora_rank", "n_top", "n_pool"):
+              "d", "k_subspace", "n_aic", "gd_steps", "gd_points", "lora_rank", "n_top", "n_pool"):
         runner.require_int(config, f, lo=1)
     for f in ("lr_pretrain", "lr_align", "lr_full", "lr_lora", "gd_lr", "lora_alpha"):
         runner.require_positive(config, f)
     runner.require_int(config, "taylor_order", lo=0, hi=6)
+    runner.require_int(config, "trace_matvecs", lo=6)
+    if config.lanczos_tol and not config.lanczos_tol > 0:
+        raise runner.ConfigError("lanczos_tol", config.lanczos_tol, "0 (a fixed number of steps) or a positive float")
     runner.require_choice(config, "dtype", ("float32", "float64"))
     runner.require_choice(config, "aic_dtype", ("float32", "float64"))
     if config.width % config.heads:
@@ -70,108 +84,81 @@ def validate(config):
         raise runner.ConfigError("tasks", tuple(config.tasks), f"a non-empty subset of {FT_TASKS}")
     if config.n_top > config.n_pool:
         raise runner.ConfigError("n_top", config.n_top, f"≤ n_pool = {config.n_pool}")
-    if config.d >= config.k_subspace:
-        raise runner.ConfigError("d", config.d, f"< k_subspace = {config.k_subspace}")
+    if config.d >= config.k_subspace or config.d > config.n_safety or config.d > config.d_exact:
+        raise runner.ConfigError("d", config.d, f"< k_subspace = {config.k_subspace}, ≤ n_safety = "
+                                                f"{config.n_safety} and ≤ d_exact = {config.d_exact}")
 
 
-# --------------------------------------------------------------------------- spectral helpers
+# --------------------------------------------------------------------------- spectral helpers (shared library)
 
 
-def lanczos_top(matvec: Callable, n: int, k: int, *, key, iters: int | None = None, dtype=np.float64):
-    """Top-k eigenpairs of a symmetric PSD operator on ℝⁿ by Lanczos with full re-orthogonalisation.
-
-    ``matvec``: flat (n,) -> (n,). Returns (eigvals (k,) descending, eigvecs (n, k) orthonormal columns).
-    ``iters`` Krylov steps (default max(3k, 2k + 20), capped at n)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"need 1 ≤ k ≤ n, got k={k}, n={n}")
-    m = min(n, iters or max(3 * k, 2 * k + 20))
-    q = np.array(jax.random.normal(key, (n,), jnp.float64 if dtype == np.float64 else jnp.float32), dtype)
-    q /= np.linalg.norm(q)
-    Q = np.zeros((m, n), dtype)
-    alpha, beta = np.zeros(m), np.zeros(m)
-    steps = m
-    for j in range(m):
-        Q[j] = q
-        w = np.asarray(matvec(jnp.asarray(q)), dtype)
-        alpha[j] = float(w @ q)
-        for _ in range(2):  # full re-orthogonalisation, twice
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        b = float(np.linalg.norm(w))
-        if j + 1 == m or b <= 1e-10 * max(1.0, abs(alpha[: j + 1]).max()):
-            steps = j + 1
-            break
-        beta[j] = b
-        q = w / b
-    from scipy.linalg import eigh_tridiagonal
-
-    ev, S = eigh_tridiagonal(alpha[:steps], beta[: steps - 1])
-    order = np.argsort(ev)[::-1][:k]
-    vecs = Q[:steps].T @ S[:, order]
-    vecs /= np.linalg.norm(vecs, axis=0, keepdims=True)
-    return ev[order], vecs
+def exact_fisher(logits_fn, params, inputs, k: int, *, key, num_steps=None, tol=None):
+    """Top-k eigenpairs of the skill's true Fisher F = mean Jᵀ(diag p − ppᵀ)J at θ* = ``params``:
+    ``spectral.top_eigenpairs`` (Lanczos, full re-orthogonalisation) on ``curvature.linearized_fisher_vp``,
+    one jit. Returns (λ (k,) descending, eigvecs pytree with leading axis k, exact relative residuals
+    ‖F u − λ u‖/λ (k,), spectral.SolverInfo)."""
+    return _exact_fisher_jit(logits_fn, k, num_steps, tol, params, inputs, key)
 
 
-def random_subspace_fisher(logits_fn, params, inputs, k: int, *, key, chunk: int = 128, deltas=None,
-                           return_factor: bool = False):
-    """The paper's random-subspace Fisher F_R = Rᵀ F R (k × k) and Rᵀδ for each δ in ``deltas``.
-
-    R = [r_1 … r_k], r_j ~ N(0, I/k) pytrees like params, drawn chunk by chunk from ``key`` (never
-    stored whole). Z_j = Λ^{1/2} J r_j / √N (one jvp each, Λ^{1/2}u = √p ⊙ (u − ⟨p, u⟩)), F_R = Z Zᵀ.
-    deltas: a pytree with a leading axis D (or None). Returns (F_R (k, k) float64 numpy,
-    proj (k, D) numpy or None). ``return_factor``: return Z (k, N·V) instead of F_R = Z Zᵀ (its nonzero
-    eigenvalues are Z's squared singular values: cheaper than eigh of F_R when N·V < k)."""
-    nchunks = -(-k // chunk)
-    Z, P = [], []
-    for c in range(nchunks):
-        zc, pc = _sketch_chunk(logits_fn, chunk, params, inputs, deltas, jax.random.fold_in(key, c), float(k))
-        Z.append(np.asarray(zc))
-        P.append(np.asarray(pc, np.float64))
-    Z = np.concatenate(Z)[:k].astype(np.float64, copy=False)
-    FR = Z if return_factor else Z @ Z.T
-    proj = np.concatenate(P)[:k] if deltas is not None else None
-    return FR, proj
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _exact_fisher_jit(logits_fn, k, num_steps, tol, params, inputs, key):
+    mv = curvature.linearized_fisher_vp(logits_fn, params, inputs)
+    return spectral.top_eigenpairs(mv, params, k, key=key, method="lanczos", num_steps=num_steps, tol=tol,
+                                   return_info=True)
 
 
-def _sketch_chunk_impl(params, inputs, deltas, kc, k, *, logits_fn, chunk):
-    z = logits_fn(params, inputs)
-    V = z.shape[-1]
-    Npos = int(np.prod(z.shape[:-1]))
-    p = jax.nn.softmax(z, axis=-1)
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    R = jax.vmap(lambda kk: tree_random_normal(kk, params))(jax.random.split(kc, chunk))
-    R = jax.tree_util.tree_map(lambda x: x / jnp.sqrt(jnp.asarray(k, dtype)), R)
-    u = jax.vmap(lambda r: jax.jvp(lambda q: logits_fn(q, inputs), (params,), (r,))[1])(R)
-    s = jnp.sqrt(p) * (u - jnp.sum(p * u, axis=-1, keepdims=True))
-    zc = s.reshape(chunk, Npos * V) / jnp.sqrt(jnp.asarray(Npos, s.dtype))
-    if deltas is None:
-        return zc, jnp.zeros((chunk, 0), dtype)
-    proj = jax.vmap(lambda r: jax.vmap(lambda dl: tree_dot(r, dl))(deltas))(R)
-    return zc, proj
+def safety_logprob_batch(s_data, length: int, T: int) -> Dict[str, jnp.ndarray]:
+    """Batch for ``lm.logprob_fn``: log π(safe completion | prompt) over the first ``length`` answer tokens
+    (the tokens whose next-token distributions form the skill's policy), sequences cut to T tokens."""
+    plen = np.asarray(s_data["prompt_len"])
+    t = np.arange(T)[None, :]
+    mask = ((t >= plen[:, None]) & (t < plen[:, None] + length)).astype(np.int32)
+    return {"tokens": jnp.asarray(s_data["tokens"][:, :T]), "loss_mask": jnp.asarray(mask)}
 
 
-def _sketch_chunk(logits_fn, chunk, params, inputs, deltas, kc, k):
-    """One chunk of columns of Z = Λ^{1/2} J R / √N and of Rᵀδ (compiled once per logits_fn/shapes)."""
-    return _sketch_jit(params, inputs, deltas, kc, k, logits_fn=logits_fn, chunk=chunk)
+def sketch_block_size(k: int) -> int:
+    """Rows per random block of the sketch S (block_size × k entries ≈ 2²² numbers, ≤ 32 MiB in float64)."""
+    return int(max(256, min(65536, 2 ** 22 // k)))
 
 
-_sketch_jit = jax.jit(_sketch_chunk_impl, static_argnames=("logits_fn", "chunk"))
+def random_subspace(logprob_fn, params, batch, k: int, *, key, example_batch_size=None, deltas=None):
+    """The paper's random-subspace Fisher (§7): ``spectral.random_subspace_fisher`` on the *empirical*
+    Fisher F̂ = (1/m) Σᵢ gᵢgᵢᵀ, gᵢ = ∇ log π(safe completionᵢ | promptᵢ), zᵢ = S gᵢ ∈ ℝᵏ (S: k×n Gaussian,
+    entries N(0, 1/k), generated blockwise, never stored), F_S = (1/m) ZᵀZ = S F̂ Sᵀ.
+    ``deltas``: a pytree with a leading axis D; their sketches S δ (D, k) come back too (same S).
+    Returns (spectral.RandomSubspaceFisher without parameter-space vectors, S δ or None)."""
+    bs = sketch_block_size(k)
+    m = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    ebs = m if example_batch_size is None else min(int(example_batch_size), m)
+    return _rs_jit(logprob_fn, k, bs, ebs, params, batch, key, deltas)
 
 
-def overlap_score(delta_flat, basis, weights=None) -> float:
-    """OS = ‖P δ‖ / ‖δ‖ for orthonormal columns ``basis`` (n, d) (δ flat (n,)); with ``weights``
-    (eigenvalues) the Fisher-weighted ‖F^{1/2} P δ‖ / (‖δ‖ √λ₁)."""
-    c = basis.T @ delta_flat
-    nd = float(np.linalg.norm(delta_flat))
-    if nd == 0.0:
-        return float("nan")
-    if weights is None:
-        return float(np.linalg.norm(c) / nd)
-    return float(np.sqrt(np.sum(weights * c * c)) / (nd * np.sqrt(weights[0])))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _rs_jit(logprob_fn, k, bs, ebs, params, batch, key, deltas):
+    # example_batch_size > 1: the examples of a chunk are vmapped, so each random block is drawn once per chunk
+    rs = spectral.random_subspace_fisher(logprob_fn, params, batch, k, key=key, example_batch_size=ebs,
+                                         block_size=bs, return_vectors=False)
+    sd = None if deltas is None else jax.vmap(lambda dl: spectral.sketch(dl, k, key=key, block_size=bs))(deltas)
+    return rs, sd
 
 
-def cumulative_energy(eigs) -> np.ndarray:
-    e = np.clip(np.sort(np.asarray(eigs, np.float64))[::-1], 0, None)
-    return np.cumsum(e) / max(e.sum(), 1e-300)
+def subspace_convergence(Z, ks, ref, m: int | None = None) -> Dict[str, Dict[str, Any]]:
+    """Top eigenvalues of the k-dimensional random-subspace Fisher for each k in ``ks`` from the first k
+    columns of one K-column sketch Z (m, K) (its entries are i.i.d., so Z[:, :k]·√(K/k) is a k-dim sketch
+    with the same N(0, 1/k) normalisation), against the exact eigenvalues ``ref`` (descending).
+    Returns {str(k): {"top": [...], "rel_err": max_j |λ_j(F_S) − λ_j| / λ_j}} over j ≤ len(ref)."""
+    Z = np.asarray(Z, np.float64)
+    m = Z.shape[0] if m is None else m
+    K = Z.shape[1]
+    ref = np.asarray(ref, np.float64)
+    out = {}
+    for kk in sorted(set(int(x) for x in ks)):
+        if not 1 <= kk <= K:
+            raise ValueError(f"k = {kk} must be in [1, K = {K}]")
+        s = np.linalg.svd(Z[:, :kk], compute_uv=False) ** 2 * (K / kk) / m  # eigenvalues of F_S(k)
+        e = s[: min(len(ref), len(s))]
+        out[str(kk)] = {"top": e.tolist(), "rel_err": float(np.max(np.abs(e - ref[: len(e)]) / ref[: len(e)]))}
+    return out
 
 
 def intruder_dimensions(W0, W, *, top_k: int = 10, threshold: float = 0.5) -> Dict[str, float]:
@@ -200,7 +187,7 @@ def _train_base(config, cfg, workdir, log):
     """Pre-train (harmful → compliance) then align (harmful → refusal): θ*. Checkpointed (orbax)."""
     loss = lambda p, b: lm.lm_loss(cfg, p, b)  # noqa: E731
     key = jax.random.PRNGKey(config.seed)
-    init = lm.init_params(cfg, jax.random.fold_in(key, 0))
+    init = jax.jit(lambda k: lm.init_params(cfg, k))(jax.random.fold_in(key, 0))
     ck = os.path.join(workdir, "checkpoints", "aligned") if workdir else None
     if ck and os.path.exists(ck):
         log("restoring θ* from %s" % ck)
@@ -220,8 +207,8 @@ def _train_base(config, cfg, workdir, log):
 
 
 def _evaluate_harm(cfg, params, harm_data, harm_prompts, key):
-    greedy = lm.answers(cfg, params, harm_data, 6)
-    sampled = lm.answers(cfg, params, harm_data, 6, key=key, temperature=1.0)
+    greedy = lm.answers(cfg, params, harm_data, 7)  # 7 new tokens, as for the benign answers: one compile
+    sampled = lm.answers(cfg, params, harm_data, 7, key=key, temperature=1.0)
     g = D.harmfulness(harm_prompts, greedy)
     s = D.harmfulness(harm_prompts, sampled)
     return {"hs": s["hs"], "hs_frac": s["hs_frac"], "hs_greedy": g["hs"], "refusal_rate_greedy": g["refusal_rate"]}
@@ -231,11 +218,11 @@ def _select_top(cfg, params, pool, comply, n_top, chunk=64):
     """Indices of the n_top pool examples whose loss gradient has the largest cosine with the
     harmful-compliance loss gradient at θ*."""
     loss = lambda p, b: lm.lm_loss(cfg, p, b)  # noqa: E731
-    gc = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in comply.items()})
-    gcn = jnp.sqrt(tree_dot(gc, gc))
-
     @jax.jit
     def cos_chunk(b):
+        gc = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in comply.items()})
+        gcn = jnp.sqrt(tree_dot(gc, gc))
+
         def one(ex):
             g = jax.grad(loss)(params, jax.tree_util.tree_map(lambda x: x[None], ex))
             return tree_dot(g, gc) / (jnp.sqrt(tree_dot(g, g)) * gcn + 1e-30)
@@ -264,33 +251,9 @@ def _rep_grads(cfg, params, safety):
         return jnp.sum(tl)  # Σ over examples: the per-example rows are the per-example blocks of ∂/∂δ
 
     delta0 = jnp.zeros((B, T, cfg.width), jnp.dtype(cfg.dtype))
-    G = jax.grad(lp)(delta0)  # (B, T, width): example b only influences its own row
+    G = jax.jit(jax.grad(lp))(delta0)  # (B, T, width): example b only influences its own row
     rows = jnp.take_along_axis(G, pos[:, :, None], axis=1)  # (B, K, width)
     return np.asarray(rows.reshape(B, -1), np.float64)
-
-
-def _aic_core(loss, params, logits_fn, inputs, lr, steps, order=4):
-    """One jitted function of the fine-tuning batch (compiled once per batch shape) returning
-    g, H g (flat), [a_0..a_4] (``flow.utility_taylor_coeffs``: Δu(θ(t)) = Σ a_k t^k along gradient flow)
-    and Δu(θ_k), k = 1..steps, along full-batch GD θ_{k+1} = θ_k − η ∇L(θ_k) (a lax.scan, t = η k)."""
-    from alignment_geom.flow import stable_kl_utility, utility_taylor_coeffs
-
-    @jax.jit
-    def core(batch):
-        g = jax.grad(loss)(params, batch)
-        Hg = curvature.hvp(loss, params, g, batch)
-        a = (utility_taylor_coeffs(loss, params, batch, logits_fn, inputs, order) if order > 0
-             else jnp.full((5,), jnp.nan))
-
-        def step(p, _):
-            gp = jax.grad(loss)(p, batch)
-            p = jax.tree_util.tree_map(lambda x, y: x - lr * y, p, gp)
-            return p, stable_kl_utility(logits_fn, params, p, inputs)
-
-        _, du = jax.lax.scan(step, params, None, length=steps)
-        return ravel_pytree(g)[0], ravel_pytree(Hg)[0], a, du
-
-    return core
 
 
 # --------------------------------------------------------------------------- run
@@ -342,24 +305,32 @@ def run(config, workdir: str) -> dict:
 
     adt = jnp.float64 if config.aic_dtype == "float64" else jnp.float32
     cfg_a = lm.LMConfig(**{**cfg.__dict__, "dtype": config.aic_dtype})
-    theta_a = tree_cast(theta, adt)
+    theta_a = jax.jit(lambda p: tree_cast(p, adt))(theta)
     logits_a = lambda p, x: lm.completion_logits(cfg_a, p, x)  # noqa: E731
     loss_a = lambda p, b: lm.lm_loss(cfg_a, p, b)  # noqa: E731
-    flat0, unravel = ravel_pytree(theta_a)
-    fmv = curvature.linearized_fisher_vp(logits_a, theta_a, safety)
-    fmv_flat = jax.jit(lambda f: ravel_pytree(fmv(unravel(f)))[0])
+    logprob_a = lambda p, b: lm.logprob_fn(cfg_a, p, b)  # noqa: E731
+    safety_lp = safety_logprob_batch(s_data, K, Tmax)
     t0 = time.time()
-    lam_exact, U = lanczos_top(fmv_flat, n_params, config.d_exact, key=jax.random.fold_in(key, 6),
-                               iters=config.lanczos_iters or None)
+    lam_exact, U, res_exact, info = exact_fisher(logits_a, theta_a, safety, config.d_exact,
+                                                 key=jax.random.fold_in(key, 6),
+                                                 num_steps=config.lanczos_iters or None,
+                                                 tol=config.lanczos_tol or None)
+    lam_exact = np.asarray(lam_exact, np.float64)
     d = config.d
-    Ud, lam_d = U[:, :d], lam_exact[:d]
-    log(f"exact Fisher top-{config.d_exact} by Lanczos: {time.time() - t0:.1f} s; λ₁ = {lam_exact[0]:.4g}")
+    sub = A.SensitiveSubspace(tree_map(lambda x: x[:d], U), jnp.asarray(lam_exact[:d]), res_exact[:d])
+    lam_d = lam_exact[:d]
+    log(f"exact Fisher top-{config.d_exact} by Lanczos: {time.time() - t0:.1f} s, {int(info.num_matvecs)} matvecs, "
+        f"max residual {float(jnp.max(res_exact)):.2e}; λ₁ = {lam_exact[0]:.4g}")
+    os_fn = jax.jit(lambda dl, sb, p, x: (A.overlap_score(dl, sb), A.overlap_score(
+        dl, sb, True, fisher_vp=lambda v: curvature.fisher_vp(logits_a, p, v, x))))
 
     # ---- 3. fine-tuning
     lcfg = lm.LoRAConfig(config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
     du_fn = lambda p: curvature.kl_utility(logits_fn, theta, p, safety)  # noqa: E731
     lloss = lambda tr, b: loss(lm.lora_merged_params(tr, lcfg), b)  # noqa: E731
     ldu = lambda tr: du_fn(lm.lora_merged_params(tr, lcfg))  # noqa: E731
+    merged = jax.jit(lambda tr: lm.lora_merged_params(tr, lcfg))
+    delta_fn = jax.jit(lambda p, p0: tree_sub(tree_cast(p, adt), p0))
     rows, deltas, du_curves, intruders = [], [], {}, {}
     ft_sets, top_info = {}, {}
     for ti, task in enumerate(config.tasks):
@@ -387,20 +358,19 @@ def run(config, workdir: str) -> dict:
         t_lora, h_lora = lm.train(lloss, tree, ft, lm.TrainConfig(config.lr_lora, config.batch_size_ft,
                                                                   config.epochs_lora, optimizer="adam"),
                                   key=tk, mask=lm.lora_mask(tree), metric_fn=ldu, metric_every=every)
-        p_lora = lm.lora_merged_params(t_lora, lcfg)
+        p_lora = merged(t_lora)
         dat, refs = ev_task[task]
         for method, p_ft, hist in (("full", p_full, h_full), ("lora", p_lora, h_lora)):
             hs = _evaluate_harm(cfg, p_ft, harm_data, harm_prompts, eval_key)
-            delta = tree_sub(tree_cast(p_ft, jnp.float64 if config.aic_dtype == "float64" else jnp.float32),
-                             theta_a)
-            dflat = np.asarray(ravel_pytree(delta)[0], np.float64)
+            delta = delta_fn(p_ft, theta_a)
             deltas.append(delta)
+            os_, os_f = (float(x) for x in os_fn(delta, sub, theta_a, safety))
             acc = D.accuracy(refs, lm.answers(cfg, p_ft, dat, 7))
             rows.append({"task": task, "method": method, "hs_before": aligned["hs"], "hs_after": hs["hs"],
                          "hs_change": hs["hs"] - aligned["hs"], "hs_frac_before": aligned["hs_frac"],
                          "hs_frac_after": hs["hs_frac"], "hs_greedy_after": hs["hs_greedy"],
-                         "os": overlap_score(dflat, Ud), "os_fisher": overlap_score(dflat, Ud, lam_d),
-                         "delta_norm": float(np.linalg.norm(dflat)), "acc_before": acc_aligned[
+                         "os": os_, "os_fisher": os_f,
+                         "delta_norm": float(jnp.sqrt(tree_dot(delta, delta))), "acc_before": acc_aligned[
                              "alpaca" if task == "alpaca_top100" else task], "acc_after": acc,
                          "du_final": float(hist["metric"][-1]), "steps": int(hist["loss"].shape[0])})
             du_curves[f"{task}/{method}"] = {"step": hist["step"].tolist(), "du": hist["metric"].tolist()}
@@ -408,77 +378,84 @@ def run(config, workdir: str) -> dict:
         log(f"{task}: full HS {rows[-2]['hs_after']:.3f} OS {rows[-2]['os']:.3f}; lora HS {rows[-1]['hs_after']:.3f} "
             f"OS {rows[-1]['os']:.3f} ({time.time() - t0:.1f} s)")
 
-    # ---- 2b. random-subspace Fisher (+ Rᵀ Δθ for every fine-tuned model) and representation gradients
+    # ---- 2b. the paper's random-subspace (empirical) Fisher, S Δθ for every fine-tuned model, exact F̂
     t0 = time.time()
-    dstack = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *deltas)
-    FR, proj = random_subspace_fisher(logits_a, theta_a, safety, config.k_subspace, key=jax.random.fold_in(key, 7),
-                                      chunk=config.subspace_chunk, deltas=dstack)
-    ev_R, V_R = np.linalg.eigh(FR)
-    ev_R, V_R = ev_R[::-1], V_R[:, ::-1]
-    trace_F = float(np.trace(FR))
-    for r, x in zip(rows, proj.T):
-        r["os_rs"] = overlap_score(x, V_R[:, :d])
+    dstack = jax.jit(lambda ds: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ds))(deltas)
+    rs, sdel = random_subspace(logprob_a, theta_a, safety_lp, config.k_subspace, key=jax.random.fold_in(key, 7),
+                               example_batch_size=config.subspace_chunk, deltas=dstack)
+    ev_R = np.asarray(rs.eigvals, np.float64)
+    W_d = jnp.asarray(rs.sketch_eigvecs)[:, :d].T  # (d, k): top-d eigenvectors of F_S in the random subspace
+    for r, x in zip(rows, sdel):
+        r["os_rs"] = float(A.overlap_score(x, W_d))  # ‖U_dᵀ SΔθ‖ / ‖SΔθ‖
     log(f"random-subspace Fisher (k = {config.k_subspace}): {time.time() - t0:.1f} s")
-    # smaller k for the convergence curve (first k columns of the same R are a k-dim sketch up to scale k/K)
-    k_list = [kk for kk in config.k_list if kk <= config.k_subspace] + [config.k_subspace]
-    k_conv = {}
-    for kk in sorted(set(k_list)):
-        sub = FR[:kk, :kk] * (config.k_subspace / kk)
-        e = np.sort(np.linalg.eigvalsh(sub))[::-1][: min(d, kk)]
-        k_conv[str(kk)] = {"top": e.tolist(), "rel_err": float(np.max(np.abs(e - lam_exact[: len(e)]) / lam_exact[: len(e)]))}
-    G = _rep_grads(cfg_a, theta_a, safety)
-    s_rep = np.linalg.svd(G, compute_uv=False) ** 2 / G.shape[0]
-    energy_exact = np.cumsum(lam_exact) / trace_F
-    energy_R = cumulative_energy(ev_R)
-    energy_rep = cumulative_energy(s_rep)
+    # exact eigenvalues of the empirical Fisher F̂ from the m×m Gram matrix of the per-example gradients
+    lam_emp = np.asarray(jax.jit(lambda p, b: spectral.gram_eigenpairs(curvature.per_example_grads(logprob_a, p, b))[0])(
+        theta_a, safety_lp), np.float64)
+    k_conv = subspace_convergence(rs.Z, list(config.k_list) + [config.k_subspace], lam_emp[: min(d, len(lam_emp))])
+    Grep = _rep_grads(cfg_a, theta_a, safety)
+    s_rep = np.linalg.svd(Grep, compute_uv=False) ** 2 / Grep.shape[0]
+    energy_R = np.asarray(spectral.cumulative_energy(ev_R))
+    energy_emp = np.asarray(spectral.cumulative_energy(lam_emp))
+    energy_rep = np.asarray(spectral.cumulative_energy(s_rep))
 
-    # ---- 4. AIC at θ* per task, predicted onset vs GD
-    eps_F = max(trace_F - float(lam_d.sum()), 0.0)
+    # ---- 4. AIC at θ* per task (aic.measure with the Lanczos subspace), a_k, predicted onset vs GD
     aic = {}
-    ts_gd = np.arange(config.gd_steps + 1) * config.gd_lr
-    aic_core = _aic_core(loss_a, theta_a, logits_a, safety, config.gd_lr, config.gd_steps, config.taylor_order)
+    ks_gd = np.unique(np.concatenate([[1, max(1, config.gd_steps // 10), config.gd_steps],
+                                      np.rint(np.geomspace(1, config.gd_steps, config.gd_points))])).astype(int)
+    ts_gd = np.concatenate([[0.0], ks_gd * config.gd_lr])
+    du_path = jax.jit(lambda path: jax.lax.map(lambda p: flow.stable_kl_utility(logits_a, theta_a, p, safety), path))
     t0 = time.time()
     nb = min([config.n_aic] + [ft_sets[t]["tokens"].shape[0] for t in config.tasks])  # one shape: one compile
+    trace_F = None
     for task in config.tasks:
-        ft = ft_sets[task]
-        batch = {k: jnp.asarray(v[:nb]) for k, v in ft.items()}
-        gf, hf, a, du_gd = (np.asarray(x, np.float64) for x in aic_core(batch))
-        a = [float(x) for x in a]
-        du_gd = np.concatenate([[0.0], du_gd])
-        cg, ch = Ud.T @ gf, Ud.T @ hf
-        gamma_E = float(np.linalg.norm(ch))
-        gamma_F = float(np.sqrt(np.sum(lam_d * ch * ch)))
-        fpg = float(np.sqrt(np.sum(lam_d * cg * cg)))
-        a = [x if math.isfinite(x) else None for x in a]
-        pred = sum(a[k] * ts_gd ** k for k in range(len(a))) if a[-1] is not None else np.full_like(ts_gd, np.nan)
-        t_min = 2 * fpg / gamma_F if gamma_F > 0 else float("inf")
+        batch = {k: jnp.asarray(v[:nb]) for k, v in ft_sets[task].items()}
+        rep = A.measure(loss_a, theta_a, batch, logits_a, safety, d, subspace=sub, key=jax.random.fold_in(key, 8),
+                        trace_matvecs=config.trace_matvecs)
+        trace_F = rep.trace
+        if config.taylor_order > 0:
+            a = flow.utility_taylor(loss_a, theta_a, batch, logits_a, safety, config.taylor_order)
+            a = [x if math.isfinite(x) else None for x in a]
+        else:
+            a = [None] * 5
+        path, _ = flow.discrete_path(loss_a, theta_a, batch, ts_gd[1:], lr=config.gd_lr, optimizer="gd")
+        du_gd = np.concatenate([[0.0], np.asarray(du_path(path), np.float64)])
+        del path
+        pred = (sum(a[k] * ts_gd ** k for k in range(len(a))) if all(x is not None for x in a)
+                else np.full_like(ts_gd, np.nan))
+        i_early = 1 + int(np.searchsorted(ks_gd, max(1, config.gd_steps // 10)))
         ratios = [float(du_gd[i] / pred[i]) if np.isfinite(pred[i]) and pred[i] > 0 else float("nan")
-                  for i in (1, max(1, len(ts_gd) // 10))]  # at t = η and t = η·steps/10
-        low_rank = bool(energy_exact[d - 1] >= config.aic_energy_min)
-        orth = bool(np.linalg.norm(cg) <= config.aic_orth_max * np.linalg.norm(gf))
-        coupled = bool(t_min <= ts_gd[-1])
-        aic[task] = {"lam": float(lam_d[-1]), "eps": max(eps_F, float(np.linalg.norm(cg))), "eps_F": eps_F,
-                     "eps_g": float(np.linalg.norm(cg)), "g_norm": float(np.linalg.norm(gf)),
-                     "eps_g_rel": float(np.linalg.norm(cg) / max(np.linalg.norm(gf), 1e-300)),
-                     "gamma_E": gamma_E, "gamma_F": gamma_F, "fisher_pg": fpg, "a": a, "a4": a[4] if len(a) > 4 else None,
-                     "t_min": t_min, "bound_F_coeff": gamma_F ** 2 / 8, "bound_E_coeff": float(lam_d[-1]) * gamma_E ** 2 / 8,
+                  for i in (1, i_early)]  # at t = η and t = η·steps/10
+        energy_d = float(np.sum(lam_d) / rep.trace)
+        low_rank = bool(energy_d >= config.aic_energy_min)
+        orth = bool(rep.eps <= config.aic_orth_max * rep.g_norm)
+        coupled = bool(rep.t_min <= ts_gd[-1])
+        aic[task] = {**rep.to_dict(), "eps_g": rep.eps, "eps_tail": max(rep.tail, 0.0),
+                     "eps_aic": max(rep.tail, rep.eps, 0.0), "eps_g_rel": rep.eps / max(rep.g_norm, 1e-300),
+                     "energy_d": energy_d, "a": a, "a4": a[4] if len(a) > 4 else None,
+                     "bound_F_coeff": rep.c4_bound_F, "bound_E_coeff": rep.c4_bound_E,
                      "gd_t": ts_gd.tolist(), "gd_du": du_gd.tolist(), "pred_du": pred.tolist(),
-                     "gd_over_pred_first": ratios[0], "gd_over_pred_early": ratios[1], "low_rank": low_rank, "orthogonal": orth, "coupled": coupled,
-                     "aic_satisfied": bool(low_rank and orth and coupled)}
+                     "gd_over_pred_first": ratios[0], "gd_over_pred_early": ratios[1], "low_rank": low_rank,
+                     "orthogonal": orth, "coupled": coupled, "aic_satisfied": bool(low_rank and orth and coupled)}
     log(f"AIC + GD onset for {len(config.tasks)} tasks: {time.time() - t0:.1f} s")
     for r in rows:
-        A = aic[r["task"]]
-        r.update(lam=A["lam"], eps=A["eps"], gamma_F=A["gamma_F"], gamma_E=A["gamma_E"], a4=A["a4"],
-                 aic_satisfied=A["aic_satisfied"])
+        Ar = aic[r["task"]]
+        r.update(lam=Ar["lam"], eps=Ar["eps_aic"], gamma_F=Ar["gamma_F"], gamma_E=Ar["gamma_E"], a4=Ar["a4"],
+                 aic_satisfied=Ar["aic_satisfied"])
+    energy_exact = np.asarray(spectral.cumulative_energy(lam_exact, trace_F))
 
     # ---- 5. correlations, table, figures
     corr = {m: _correlations([r for r in rows if r["method"] == m]) for m in ("full", "lora")}
     _write_table(rows, workdir)
-    spectra = {"exact": lam_exact.tolist(), "random_subspace": ev_R[: max(4 * d, config.d_exact)].tolist(),
+    spectra = {"exact": lam_exact.tolist(), "exact_residuals": np.asarray(res_exact, np.float64).tolist(),
+               "random_subspace": ev_R[: max(4 * d, config.d_exact)].tolist(),
+               "empirical_exact": lam_emp[: max(4 * d, config.d_exact)].tolist(),
                "representation": s_rep[: max(4 * d, config.d_exact)].tolist(),
                "energy_exact": energy_exact.tolist(), "energy_random_subspace": energy_R[:256].tolist(),
-               "energy_representation": energy_rep[:256].tolist(), "trace_F": trace_F, "k_convergence": k_conv,
-               "energy_at_d": {"exact": float(energy_exact[d - 1]), "random_subspace": float(energy_R[d - 1]),
+               "energy_empirical": energy_emp[:256].tolist(),
+               "energy_representation": energy_rep[:256].tolist(), "trace_F": trace_F,
+               "trace_empirical_sketch": float(rs.trace), "k_convergence": k_conv,
+               "energy_at_d": {"exact": float(energy_exact[d - 1]),
+                               "random_subspace": float(energy_R[min(d, len(energy_R)) - 1]),
                                "representation": float(energy_rep[min(d, len(energy_rep)) - 1])}}
     onset_task = config.onset_task if config.onset_task in aic else config.tasks[0]
     if workdir:
@@ -560,14 +537,15 @@ def _figures(workdir, spectra, rows, corr, aic_one, onset_task, du_curves, d, co
         rep = np.asarray(spectra["representation"])
         ax.semilogy(np.arange(1, len(ex) + 1), ex / ex[0], "o-", ms=3, label=f"exact, Lanczos on F·v (λ₁={ex[0]:.3g})")
         ax.semilogy(np.arange(1, len(rs) + 1), np.clip(rs / rs[0], 1e-16, None), "s-", ms=2, alpha=0.7,
-                    label=f"random subspace k={config.k_subspace} (λ₁={rs[0]:.3g})")
+                    label=f"random subspace (empirical F̂) k={config.k_subspace} (λ₁={rs[0]:.3g})")
         ax.semilogy(np.arange(1, len(rep) + 1), np.clip(rep / rep[0], 1e-16, None), "^-", ms=2, alpha=0.7,
                     label=f"representation-space grads (σ₁²/m={rep[0]:.3g})")
         ax.axvline(d, color="gray", ls=":", lw=1)
         ax.set_xlabel("index i"); ax.set_ylabel("λᵢ / λ₁")
         ax.set_title("Fig. 10a  safety-skill Fisher spectrum"); ax.legend(fontsize=7)
         ax = axes[1]
-        for key_, lab in (("energy_exact", "exact (÷ tr F)"), ("energy_random_subspace", "random subspace"),
+        for key_, lab in (("energy_exact", "exact (÷ tr F)"), ("energy_random_subspace", "random subspace (F̂)"),
+                          ("energy_empirical", "exact F̂"),
                           ("energy_representation", "representation grads")):
             e = np.asarray(spectra[key_])
             ax.plot(np.arange(1, len(e) + 1), e, label=lab)
