@@ -350,18 +350,11 @@ def dynamic_projection_defense(logits_fn: Callable, inputs: Any, d: int, mask: O
 
 
 def principal_angles(basis_a: PyTree, basis_b: PyTree) -> jax.Array:
-    """Principal angles (radians, ascending) between span(basis_a) and span(basis_b).
+    """Principal angles (radians, ascending) between span(basis_a) and span(basis_b): an alias of
+    :func:`alignment_geom.spectral.principal_angles` (pytrees with a leading axis, or (k, n) arrays)."""
+    from alignment_geom import spectral
 
-    Both are pytrees with a leading axis d of orthonormal rows. Accurate at both ends: cosines from
-    the SVD of B_a B_bᵀ, sines from the SVD of B_b − (B_b B_aᵀ) B_a, combined with arctan2.
-    """
-    Ba, Bb = _stack_to_matrix(basis_a), _stack_to_matrix(basis_b)
-    M = Bb @ Ba.T
-    cos = jnp.linalg.svd(M, compute_uv=False)  # descending
-    # singular values of the (d, n) residual from its (d, d) R factor (no n×n LAPACK workspace)
-    sin = jnp.linalg.svd(jnp.linalg.qr((Bb - M @ Ba).T, mode="r"), compute_uv=False)  # descending
-    k = min(Ba.shape[0], Bb.shape[0])
-    return jnp.arctan2(sin[::-1][:k], cos[:k])
+    return spectral.principal_angles(basis_a, basis_b)
 
 
 def _lambda_quad(z, x, y):

@@ -641,7 +641,9 @@ def principal_angles(basis_a, basis_b):
     cos = jnp.linalg.svd(Qa @ Qb.T, compute_uv=False)                 # descending, k_b values
     cos = jnp.clip(cos, 0.0, 1.0)
     R = Qb - (Qb @ Qa.T) @ Qa
-    sin = jnp.sort(jnp.clip(jnp.linalg.svd(R, compute_uv=False), 0.0, 1.0))   # ascending
+    # singular values of the wide (k_b, n) R via its (k_b, k_b) QR factor: LAPACK's wide-matrix SVD can
+    # allocate an n×n workspace
+    sin = jnp.sort(jnp.clip(jnp.linalg.svd(jnp.linalg.qr(R.T, mode="r"), compute_uv=False), 0.0, 1.0))
     return jnp.where(cos ** 2 < 0.5, jnp.arccos(cos), jnp.arcsin(sin))
 
 

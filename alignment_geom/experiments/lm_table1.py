@@ -29,8 +29,8 @@ Pipeline (``run(config, workdir) -> dict``):
    ``os_rs`` = ‖W_dᵀ SΔθ‖ / ‖SΔθ‖ (W_d: top-d eigenvectors of F_S); LoRA intruder dimensions.
 4. Beyond the paper, per task at θ* (``aic_dtype``, float64 by default): ``aic.measure`` with the Lanczos
    subspace gives λ = λ_d, tr F, the tail Σ_{j>d} λ_j, ε_g = ‖P g‖, ε_F = ‖F^{1/2} P g‖, γ_E = ‖P H g‖,
-   γ_F = ‖F^{1/2} P H g‖, t_min, t0 and the c4 bounds γ_F²/8, λγ_E²/8; the table's ε = max(tail, ‖P g‖)
-   (the smallest ε meeting conditions 1–2); a_0..a_4 = ``flow.utility_taylor`` (Δu(θ(t)) = Σ a_k t^k);
+   γ_F = ‖F^{1/2} P H g‖, t_min, t0 and the c4 bounds γ_F²/8, λγ_E²/8; the table's eps = ‖P g‖ (condition 2) and
+   tail = Σ_{j>d} λ_j (condition 1); a_0..a_4 = ``flow.utility_taylor`` (Δu(θ(t)) = Σ a_k t^k);
    and the measured Δu along small-η full-batch GD (``flow.discrete_path``, t = η k, ``gd_points``
    log-spaced steps) against the predicted Σ a_k t^k and γ_F² t⁴/8. The verdicts are relative:
    low rank = Σ_{j≤d} λ_j / tr F ≥ ``aic_energy_min``, orthogonal = ‖P g‖ ≤ ``aic_orth_max``·‖g‖,
@@ -439,7 +439,7 @@ def run(config, workdir: str) -> dict:
     log(f"AIC + GD onset for {len(config.tasks)} tasks: {time.time() - t0:.1f} s")
     for r in rows:
         Ar = aic[r["task"]]
-        r.update(lam=Ar["lam"], eps=Ar["eps_aic"], gamma_F=Ar["gamma_F"], gamma_E=Ar["gamma_E"], a4=Ar["a4"],
+        r.update(lam=Ar["lam"], eps=Ar["eps_g"], tail=Ar["eps_tail"], gamma_F=Ar["gamma_F"], gamma_E=Ar["gamma_E"], a4=Ar["a4"],
                  aic_satisfied=Ar["aic_satisfied"])
     energy_exact = np.asarray(spectral.cumulative_energy(lam_exact, trace_F))
 
@@ -500,8 +500,8 @@ def _correlations(rows):
             "spearman": float(sr.statistic), "spearman_p": float(sr.pvalue)}
 
 
-TABLE_COLS = ("task", "method", "hs_before", "hs_after", "hs_frac_after", "os", "os_rs", "lam", "eps", "gamma_F",
-              "gamma_E", "a4", "aic_satisfied", "acc_after", "du_final")
+TABLE_COLS = ("task", "method", "hs_before", "hs_after", "hs_frac_after", "os", "os_rs", "lam", "eps", "tail",
+              "gamma_F", "gamma_E", "a4", "aic_satisfied", "acc_after", "du_final")
 
 
 def _fmt(v):
