@@ -587,6 +587,28 @@ def _coerce(field: str, current, text: str):
     return one(type(current) if current is not None else str, text)
 
 
+# Shared defaults of the theory figures' landscape configs (one place; each config overrides what differs).
+LANDSCAPE_DEFAULTS = dict(seed=0, dtype="float64", scale=1.0, n=32, d=4, n_tail=4, lam=10.0, lam_spread=2.0,
+                          gamma=0.3, eps=1e-3, tail=1e-3, t_min=1e-3, t_max=10.0, num_t=96, ts=(), substeps=4)
+
+
+def landscape_config(experiment: str, *, drop=(), **fields):
+    """A ConfigDict for a landscape figure: ``experiment``, ``preset="default"``, the shared
+    :data:`LANDSCAPE_DEFAULTS` (minus ``drop``, e.g. ``lam`` for a λ sweep) and then ``fields``
+    (overrides and experiment-specific fields, in order)."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment
+    c.preset = "default"
+    for k, v in LANDSCAPE_DEFAULTS.items():
+        if k not in drop:
+            setattr(c, k, fields.pop(k, v))
+    for k, v in fields.items():
+        setattr(c, k, v)
+    return c
+
+
 def apply_config_arg(config, arg: Optional[str], presets: dict):
     """Apply a config-file argument string (``smoke``, ``lam=10,gamma=0.3``, ``lams=1/2/4``) to ``config``.
 

@@ -7,8 +7,6 @@ so a killed run resumes when the same command is run again):
 Smoke (≈15 s): --config=configs/collapse_time.py:smoke.   GPU/TPU: :large (or --config.scale=4).
 Fields: lams, gammas (the grid axes), threshold (Δu level defining t*), eps, tail, n, d, t-grid, chunk_size.
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -20,25 +18,14 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "collapse_time"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.n_tail = 4
-    c.lam_spread = 2.0
-    c.lams = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-    c.gammas = (0.1, 0.15, 0.2, 0.3, 0.45, 0.6)
-    c.threshold = 1e-5
-    c.eps = 1e-4
-    c.tail = 1e-3
-    c.t_min = 1e-3
-    c.t_max = 2.0
-    c.num_t = 96
-    c.ts = ()
-    c.substeps = 4
-    c.chunk_size = 16
+    c = runner.landscape_config(
+        "collapse_time",
+        drop=("lam", "gamma"),
+        lams=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+        gammas=(0.1, 0.15, 0.2, 0.3, 0.45, 0.6),
+        threshold=1e-5,
+        eps=1e-4,
+        t_max=2.0,
+        chunk_size=16,
+    )
     return runner.apply_config_arg(c, arg, PRESETS)

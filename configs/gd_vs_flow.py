@@ -10,8 +10,6 @@ Smoke (≈15 s): --config=configs/gd_vs_flow.py:smoke.   GPU/TPU: :large.
 Fields: lrs (GD step sizes), sgd_lr, batch_size, n_examples, grad_noise (per-example gradient noise σ), adam_lr,
 lam, gamma, eps, tail, n, d, t-grid, substeps, scale.
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -22,29 +20,17 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "gd_vs_flow"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.n_tail = 4
-    c.lam = 10.0
-    c.lam_spread = 2.0
-    c.gamma = 0.3
-    c.eps = 1e-4
-    c.tail = 1e-3
-    c.t_min = 3e-3
-    c.t_max = 2.0
-    c.num_t = 48
-    c.ts = ()
-    c.substeps = 4
-    c.lrs = (0.1, 0.01, 0.001)
-    c.sgd_lr = 0.01
-    c.batch_size = 4
-    c.n_examples = 32
-    c.grad_noise = 0.3
-    c.adam_lr = 0.01
+    c = runner.landscape_config(
+        "gd_vs_flow",
+        eps=1e-4,
+        t_min=3e-3,
+        t_max=2.0,
+        num_t=48,
+        lrs=(0.1, 0.01, 0.001),
+        sgd_lr=0.01,
+        batch_size=4,
+        n_examples=32,
+        grad_noise=0.3,
+        adam_lr=0.01,
+    )
     return runner.apply_config_arg(c, arg, PRESETS)

@@ -8,8 +8,6 @@ Run (default, ≈15 s on 2 CPU cores, float64):
 Smoke (≈8 s): --config=configs/orthogonality_illusion.py:smoke.   GPU/TPU: :large (or --config.scale=4).
 Fields: lam, gamma, eps, tail, n, d, t-grid (t_min, t_max, num_t or ts), substeps, min_ratio, scale.
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -20,24 +18,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "orthogonality_illusion"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.lam = 10.0
-    c.gamma = 0.3
-    c.eps = 1e-3
-    c.tail = 1e-3
-    c.n_tail = 4
-    c.lam_spread = 2.0
-    c.t_min = 1e-3
-    c.t_max = 10.0
-    c.num_t = 96
-    c.ts = ()
-    c.substeps = 4
-    c.min_ratio = 100.0
+    c = runner.landscape_config("orthogonality_illusion", min_ratio=100.0)
     return runner.apply_config_arg(c, arg, PRESETS)

@@ -11,8 +11,6 @@ Fields: lam, gamma, eps, tail, tail_coupling (H coupling of the task direction i
 top-d projection removes), policy_curvature (κ: how strongly the policy is curved / the subspace rotates),
 n, d, t-grid, substeps, static_min_ratio, dynamic_max_ratio, scale.
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -23,27 +21,15 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "projection_defense"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.n_tail = 4
-    c.lam = 10.0
-    c.lam_spread = 2.0
-    c.gamma = 0.3
-    c.eps = 1e-4
-    c.tail = 1e-3
-    c.policy_curvature = 0.3
-    c.tail_coupling = 0.3
-    c.t_min = 1e-2
-    c.t_max = 3.0
-    c.num_t = 56
-    c.ts = ()
-    c.substeps = 4
-    c.static_min_ratio = 0.1
-    c.dynamic_max_ratio = 1e-2
+    c = runner.landscape_config(
+        "projection_defense",
+        eps=1e-4,
+        policy_curvature=0.3,
+        tail_coupling=0.3,
+        t_min=1e-2,
+        t_max=3.0,
+        num_t=56,
+        static_min_ratio=0.1,
+        dynamic_max_ratio=1e-2,
+    )
     return runner.apply_config_arg(c, arg, PRESETS)

@@ -13,8 +13,6 @@ Smoke scale (≈10 s):  --config=configs/quartic_onset.py:smoke
 Fields: lam (λ, sharpness), gamma (γ_E = ‖P H g‖, coupling), eps (ε: ‖P g‖ and the Fisher tail), n, d (dims),
 t_min/t_max/num_t (log-spaced t-grid; or an explicit increasing ``ts``), scale (× grid resolution, for GPU/TPU).
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -25,23 +23,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "quartic_onset"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.lam = 10.0
-    c.gamma = 0.3
-    c.eps = 1e-3
-    c.tail = 1e-3
-    c.n_tail = 4
-    c.lam_spread = 2.0
-    c.t_min = 1e-3
-    c.t_max = 10.0
-    c.num_t = 96
-    c.ts = ()
-    c.substeps = 4
+    c = runner.landscape_config("quartic_onset")
     return runner.apply_config_arg(c, arg, PRESETS)

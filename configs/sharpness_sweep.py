@@ -7,8 +7,6 @@ Smoke (≈15 s): --config=configs/sharpness_sweep.py:smoke.   GPU/TPU: :large (o
 Fields: lams (the λ sweep), gamma (fixed γ_E), eps, tail, n, d, t-grid (t_min, t_max, num_t or ts),
 chunk_size (grid points per checkpointed chunk), scale (× t-grid resolution).
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -20,24 +18,13 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "sharpness_sweep"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.n_tail = 4
-    c.lam_spread = 2.0
-    c.lams = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0)
-    c.gamma = 0.3
-    c.eps = 1e-4
-    c.tail = 1e-3
-    c.t_min = 1e-3
-    c.t_max = 2.0
-    c.num_t = 64
-    c.ts = ()
-    c.substeps = 4
-    c.chunk_size = 8
+    c = runner.landscape_config(
+        "sharpness_sweep",
+        drop=("lam",),
+        lams=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0),
+        eps=1e-4,
+        t_max=2.0,
+        num_t=64,
+        chunk_size=8,
+    )
     return runner.apply_config_arg(c, arg, PRESETS)

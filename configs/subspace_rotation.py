@@ -9,8 +9,6 @@ Run (default, ≈20 s on 2 CPU cores, float64):
 Smoke (≈10 s): --config=configs/subspace_rotation.py:smoke.   GPU/TPU: :large.
 Fields: policy_curvature (κ: rotation rate), lam, gamma, eps, tail, n, d, t-grid, substeps, scale.
 """
-import ml_collections
-
 from alignment_geom import runner
 
 PRESETS = {
@@ -21,24 +19,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "subspace_rotation"
-    c.preset = "default"
-    c.seed = 0
-    c.dtype = "float64"
-    c.scale = 1.0
-    c.n = 32
-    c.d = 4
-    c.n_tail = 4
-    c.lam = 10.0
-    c.lam_spread = 2.0
-    c.gamma = 0.3
-    c.eps = 1e-4
-    c.tail = 1e-3
-    c.policy_curvature = 0.3
-    c.t_min = 1e-3
-    c.t_max = 1.0
-    c.num_t = 48
-    c.ts = ()
-    c.substeps = 4
+    c = runner.landscape_config("subspace_rotation", eps=1e-4, policy_curvature=0.3, t_max=1.0, num_t=48)
     return runner.apply_config_arg(c, arg, PRESETS)
