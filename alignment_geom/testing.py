@@ -78,7 +78,8 @@ class TinyModel(NamedTuple):
     logprob_fn: Callable
 
 
-def _ce_logprob(logits, y):
+def ce_logprob(logits, y):
+    """log softmax(logits)[y] along the last axis (per example / position)."""
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
 
 
@@ -100,7 +101,7 @@ def linear_model(key, n_in=5, n_out=3, m=8, dtype=jnp.float64) -> TinyModel:
     cls = jax.random.randint(k5, (m,), 0, n_out)
 
     def logprob_fn(p, batch):
-        return _ce_logprob(logits_fn(p, batch["x"]), batch["cls"])
+        return ce_logprob(logits_fn(p, batch["x"]), batch["cls"])
 
     batch = {"x": x, "y": y, "cls": cls}
     return TinyModel("linear", params, loss_fn, batch, logits_fn, x, logprob_fn)
@@ -122,10 +123,10 @@ def mlp_model(key, n_in=4, hidden=8, n_out=3, m=10, dtype=jnp.float64) -> TinyMo
         return h @ p["l2"]["W"] + p["l2"]["b"]
 
     def loss_fn(p, batch):
-        return -jnp.mean(_ce_logprob(logits_fn(p, batch["x"]), batch["y"]))
+        return -jnp.mean(ce_logprob(logits_fn(p, batch["x"]), batch["y"]))
 
     def logprob_fn(p, batch):
-        return _ce_logprob(logits_fn(p, batch["x"]), batch["y"])
+        return ce_logprob(logits_fn(p, batch["x"]), batch["y"])
 
     return TinyModel("mlp", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
 
@@ -143,10 +144,10 @@ def softmax_regression_model(key, n_in=6, n_out=4, m=12, dtype=jnp.float64) -> T
         return inputs @ p["W"] + p["b"]
 
     def loss_fn(p, batch):
-        return -jnp.mean(_ce_logprob(logits_fn(p, batch["x"]), batch["y"]))
+        return -jnp.mean(ce_logprob(logits_fn(p, batch["x"]), batch["y"]))
 
     def logprob_fn(p, batch):
-        return _ce_logprob(logits_fn(p, batch["x"]), batch["y"])
+        return ce_logprob(logits_fn(p, batch["x"]), batch["y"])
 
     return TinyModel("softmax_regression", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
 
@@ -177,11 +178,11 @@ def attention_model(key, vocab=5, d=4, T=4, m=3, dtype=jnp.float64) -> TinyModel
 
     def logprob_fn(p, batch):
         toks = batch["tokens"]
-        return jnp.sum(_ce_logprob(logits_fn(p, toks[:, :-1]), toks[:, 1:]), axis=-1)
+        return jnp.sum(ce_logprob(logits_fn(p, toks[:, :-1]), toks[:, 1:]), axis=-1)
 
     def loss_fn(p, batch):
         toks = batch["tokens"]
-        return -jnp.mean(_ce_logprob(logits_fn(p, toks[:, :-1]), toks[:, 1:]))
+        return -jnp.mean(ce_logprob(logits_fn(p, toks[:, :-1]), toks[:, 1:]))
 
     return TinyModel("attention", params, loss_fn, {"tokens": tokens}, logits_fn, safety_tokens, logprob_fn)
 

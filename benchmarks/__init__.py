@@ -126,3 +126,26 @@ def environment() -> Dict[str, Any]:
     except Exception:
         pass
     return env
+
+
+def bench_args(doc: str, argv, *, reps: int, extra=()):
+    """Parse a benchmark script's common flags (--quick, --json, --reps) plus ``extra``
+    ((flag, kwargs) pairs); ``argv=None`` parses no arguments (library use)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny problems, few rounds (smoke test)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--reps", type=int, default=reps)
+    for flag, kw in extra:
+        ap.add_argument(flag, **kw)
+    return ap.parse_args([] if argv is None else argv)
+
+
+def write_json(path, payload) -> None:
+    """Write ``payload`` as indented JSON to ``path`` when a path is given."""
+    import json
+
+    if path:
+        with open(path, "w") as fh:
+            json.dump(payload, fh, indent=1)

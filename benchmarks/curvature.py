@@ -26,8 +26,6 @@ Run alone: ``python -m benchmarks.curvature [--quick] [--json PATH]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -36,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import compile_fn, environment, median, memory_bytes, paired_ratio, time_interleaved
+from benchmarks import (bench_args, compile_fn, environment, median, memory_bytes, paired_ratio, time_interleaved,
+                        write_json)
 from benchmarks.models import get_model, n_params
 
 TARGETS = {"hvp": 2.0, "linearized_hvp": 1.8, "fisher_vp": 2.0, "third_order": 5.0}
@@ -172,12 +171,8 @@ def bench_model(model, reps: int = 15, max_seconds: float = 120.0, k_matvec: int
 
 def main(argv=None, quick: bool = False, log=print):
     """Run the curvature benchmark on both models; returns {"mlp": ..., "transformer": ...}."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny models, 2 rounds (smoke test)")
-    ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--models", default=None, help="default mlp,transformer (mlp with --quick)")
-    args = ap.parse_args([] if argv is None else argv)
+    args = bench_args(__doc__, argv, reps=15, extra=[
+        ("--models", dict(default=None, help="default mlp,transformer (mlp with --quick)"))])
     quick = quick or args.quick
     if args.models is None:
         args.models = "mlp" if quick else "mlp,transformer"
@@ -187,9 +182,7 @@ def main(argv=None, quick: bool = False, log=print):
         model = get_model(name, quick=quick)
         out[name] = bench_model(model, reps=reps, max_seconds=5.0 if quick else 150.0,
                                 k_matvec=3 if quick else K_MATVEC, log=log, ops=QUICK_OPS if quick else None)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": environment(), "curvature": out}, fh, indent=1)
+    write_json(args.json, {"environment": environment(), "curvature": out})
     return out
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignment_geom.testing import ce_logprob
+
 MLP_SIZES = (512, 1024, 512, 10)
 MLP_BATCH = 512
 
@@ -40,10 +42,6 @@ class BenchModel(NamedTuple):
     inputs: Any
     logprob_fn: Callable
     config: Any = None  # architecture hyper-parameters (for the PyTorch mirror)
-
-
-def _ce_logprob(logits, y):
-    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
 
 
 def n_params(params) -> int:
@@ -82,10 +80,10 @@ def mlp_model(seed: int = 0, sizes=MLP_SIZES, m: int = MLP_BATCH, dtype=jnp.floa
     y = jnp.asarray(rng.integers(0, sizes[-1], (m,)), jnp.int32)
 
     def loss_fn(p, batch):
-        return -jnp.mean(_ce_logprob(mlp_logits(p, batch["x"]), batch["y"]))
+        return -jnp.mean(ce_logprob(mlp_logits(p, batch["x"]), batch["y"]))
 
     def logprob_fn(p, batch):
-        return _ce_logprob(mlp_logits(p, batch["x"]), batch["y"])
+        return ce_logprob(mlp_logits(p, batch["x"]), batch["y"])
 
     return BenchModel("mlp", params, loss_fn, {"x": x, "y": y}, mlp_logits, x, logprob_fn, {"sizes": tuple(sizes)})
 
@@ -147,11 +145,11 @@ def transformer_model(seed: int = 0, m: int = TF_BATCH, dtype=jnp.float32, vocab
 
     def loss_fn(p, batch):
         t = batch["tokens"]
-        return -jnp.mean(_ce_logprob(logits_fn(p, t[:, :-1]), t[:, 1:]))
+        return -jnp.mean(ce_logprob(logits_fn(p, t[:, :-1]), t[:, 1:]))
 
     def logprob_fn(p, batch):
         t = batch["tokens"]
-        return jnp.sum(_ce_logprob(logits_fn(p, t[:, :-1]), t[:, 1:]), axis=-1)
+        return jnp.sum(ce_logprob(logits_fn(p, t[:, :-1]), t[:, 1:]), axis=-1)
 
     config = dict(vocab=vocab, context=context, width=width, heads=heads, layers=layers)
     return BenchModel("transformer", params, loss_fn, {"tokens": tokens}, logits_fn, tokens[:, :-1], logprob_fn,

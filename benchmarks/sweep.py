@@ -13,13 +13,11 @@ Run alone: ``python -m benchmarks.sweep [--quick] [--json PATH]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import numpy as np
 
-from benchmarks import environment, median, paired_ratio, time_interleaved
+from benchmarks import bench_args, environment, median, paired_ratio, time_interleaved, write_json
 
 TARGET_SPEEDUP = 10.0
 
@@ -83,15 +81,9 @@ def bench_sweep(quick: bool = False, reps: int = 5, n_times: int = 32, steps: in
 
 
 def main(argv=None, quick: bool = False, log=print):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--reps", type=int, default=5)
-    args = ap.parse_args([] if argv is None else argv)
+    args = bench_args(__doc__, argv, reps=5)
     res = bench_sweep(quick=quick or args.quick, reps=args.reps, log=log)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"environment": environment(), "sweep": res}, fh, indent=1)
+    write_json(args.json, {"environment": environment(), "sweep": res})
     return res
 
 

@@ -19,15 +19,13 @@ Run alone: ``python -m benchmarks.torch_peer [--quick] [--json PATH]``.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 import time
 
 import numpy as np
 
-from benchmarks import compile_fn, median, paired_ratio, time_interleaved
+from benchmarks import bench_args, compile_fn, median, paired_ratio, time_interleaved, write_json
 
 AGREE_TOL = 1e-5
 TARGET_SPEEDUP = 5.0
@@ -328,12 +326,7 @@ def bench_aic(quick: bool = False, d: int = 8, m: int = 64, log=print):
 
 
 def main(argv=None, quick: bool = False, log=print):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--models", default="mlp,transformer")
-    args = ap.parse_args([] if argv is None else argv)
+    args = bench_args(__doc__, argv, reps=10, extra=[("--models", dict(default="mlp,transformer"))])
     quick = quick or args.quick
     ok, ver = torch_available()
     if not ok:
@@ -351,9 +344,7 @@ def main(argv=None, quick: bool = False, log=print):
     except Exception as e:  # report, do not hide, a failure of the optional peer
         out["aic_vs_alignment_risk"] = {"error": f"{type(e).__name__}: {e}"}
         log(f"[torch] aic vs alignment-risk failed: {type(e).__name__}: {e}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+    write_json(args.json, out)
     return out
 
 

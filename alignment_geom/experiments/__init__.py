@@ -88,6 +88,26 @@ def validate_theory(config, sweep_fields=()):
 # --------------------------------------------------------------------------- Δu, flow, Taylor (alignment_geom.flow)
 
 
+def landscape_setup(config):
+    """(landscape, t-grid) of a theory figure's config: ``make_landscape(**landscape_kwargs(config))``
+    and :func:`t_grid`."""
+    from alignment_geom.landscapes import make_landscape
+
+    return make_landscape(**landscape_kwargs(config)), t_grid(config)
+
+
+def landscape_record(config, *, dynamic: bool):
+    """(landscape, ts, path, record): the gradient flow of the config's landscape (RK4 with ``config.substeps``)
+    and ``flow.record_path`` along it (``dynamic``: also the moving top-d subspace and its angles)."""
+    from alignment_geom.flow import record_path
+
+    ls, ts = landscape_setup(config)
+    path = jax.jit(lambda: integrate(ls.loss_fn, ls.params, ls.batch, jnp.asarray(ts), int(config.substeps)))()
+    rec = record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs, loss_fn=ls.loss_fn,
+                      batch=ls.batch, basis=ls.basis, fisher_eigvals=ls.fisher_eigvals, dynamic=dynamic)
+    return ls, ts, path, rec
+
+
 def kl_utility_stable(logits_fn: Callable, params_ref, params, inputs):
     """Δu(θ) = mean_x KL(π_ref ‖ π_θ) without the ~1e-16 cancellation floor (flow.stable_kl_utility)."""
     from alignment_geom.flow import stable_kl_utility

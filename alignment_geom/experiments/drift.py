@@ -22,10 +22,7 @@ def validate(config):
 
 
 def run(config, workdir):
-    from alignment_geom.landscapes import make_landscape
-
-    ls = make_landscape(**ex.landscape_kwargs(config))
-    ts = ex.t_grid(config)
+    ls, ts = ex.landscape_setup(config)
     substeps = int(config.get("substeps", 4))
     out = trajectory(ls, ts, substeps)
     runner.check_finite("drift_F", out["drift_F"], steps=ts, partial={"ts": ts, "drift_F": out["drift_F"]})

@@ -8,7 +8,6 @@ which starts at ‖Pg‖/‖g‖ = ε/‖g‖ and grows like γ_E t / (2‖g‖)
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from alignment_geom import runner
@@ -23,14 +22,7 @@ def validate(config):
 
 
 def run(config, workdir):
-    from alignment_geom.flow import record_path
-    from alignment_geom.landscapes import make_landscape
-
-    ls = make_landscape(**ex.landscape_kwargs(config))
-    ts = ex.t_grid(config)
-    path = jax.jit(lambda: ex.integrate(ls.loss_fn, ls.params, ls.batch, jnp.asarray(ts), int(config.substeps)))()
-    rec = record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs, loss_fn=ls.loss_fn,
-                      batch=ls.batch, basis=ls.basis, fisher_eigvals=ls.fisher_eigvals, dynamic=False)
+    ls, ts, _, rec = ex.landscape_record(config, dynamic=False)
     runner.check_finite("du", rec["du"], steps=ts, partial={"ts": ts, "du": rec["du"]})
     g = np.asarray(jax.grad(ls.loss_fn)(ls.params, ls.batch)["theta"])
     gnorm = float(np.linalg.norm(g))

@@ -30,10 +30,8 @@ def validate(config):
 
 def run(config, workdir):
     from alignment_geom.flow import dynamic_projection_defense, projection_defense
-    from alignment_geom.landscapes import make_landscape
 
-    ls = make_landscape(**ex.landscape_kwargs(config))
-    ts = ex.t_grid(config)
+    ls, ts = ex.landscape_setup(config)
     tsj = jnp.asarray(ts)
     d = int(config.d)
     velocities = {"none": None, "static": projection_defense(ls.basis),

@@ -91,10 +91,7 @@ def analyse(ts, du, c4_exact, tol=0.1):
 
 
 def run(config, workdir):
-    from alignment_geom.landscapes import make_landscape
-
-    ls = make_landscape(**ex.landscape_kwargs(config))
-    ts = ex.t_grid(config)
+    ls, ts = ex.landscape_setup(config)
     substeps = int(config.get("substeps", 4))
     traj = trajectory(ls, ts, substeps)
     runner.check_finite("du", traj["du"], steps=ts, partial={"ts": ts, "du": traj["du"]})

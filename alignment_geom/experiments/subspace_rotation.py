@@ -37,14 +37,9 @@ def _dense_fisher(ls, th):
 
 
 def run(config, workdir):
-    from alignment_geom.flow import principal_angles, record_path
-    from alignment_geom.landscapes import make_landscape
+    from alignment_geom.flow import principal_angles
 
-    ls = make_landscape(**ex.landscape_kwargs(config))
-    ts = ex.t_grid(config)
-    path = jax.jit(lambda: ex.integrate(ls.loss_fn, ls.params, ls.batch, jnp.asarray(ts), int(config.substeps)))()
-    rec = record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs, loss_fn=ls.loss_fn,
-                      batch=ls.batch, basis=ls.basis, fisher_eigvals=ls.fisher_eigvals, dynamic=True)
+    ls, ts, path, rec = ex.landscape_record(config, dynamic=True)
     angles_flow = np.asarray(rec["angles"])            # (T, d) ascending, flow.top_fisher_subspace at each t
     F0 = _dense_fisher(ls, ls.params)
     ev0 = np.linalg.eigvalsh(np.asarray(F0))[::-1]
