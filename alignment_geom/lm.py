@@ -78,7 +78,9 @@ class _Block(nn.Module):
         q = dense(D, name="q")(x).reshape(B, T, H, dh)
         k = dense(D, name="k")(x).reshape(B, T, H, dh)
         v = dense(D, name="v")(x).reshape(B, T, H, dh)
-        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(dh)
+        # a Python float (weakly typed): np.sqrt(dh) is a float64 scalar that promoted float32
+        # attention to float64 whenever jax_enable_x64 was on (2x slower, and not the model's dtype)
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) * float(dh) ** -0.5
         causal = jnp.tril(jnp.ones((T, T), bool))
         att = jnp.where(causal, att, jnp.asarray(-1e9, att.dtype))
         att = jax.nn.softmax(att, axis=-1)
@@ -169,7 +171,7 @@ def init_lora(params: PyTree, lcfg: LoRAConfig, key) -> PyTree:
     for kk, (b, m) in zip(keys, sites):
         W = params[b][m]["kernel"]
         din, dout = W.shape
-        out.setdefault(b, {})[m] = {"A": jax.random.normal(kk, (din, lcfg.rank), W.dtype) / np.sqrt(din),
+        out.setdefault(b, {})[m] = {"A": jax.random.normal(kk, (din, lcfg.rank), W.dtype) * float(din) ** -0.5,
                                     "B": jnp.zeros((lcfg.rank, dout), W.dtype)}
     return out
 

@@ -5,6 +5,8 @@ Shared timing helpers live here so every benchmark section measures the same way
 * compile first (``jax.jit(f).lower(*args).compile()``), so no timing includes tracing/compilation;
 * time many repetitions with ``block_until_ready``, *interleaving* the functions compared
   (A B C A B C …, in a rotated order each round) so slow drifts of a shared machine hit all alike;
+  two runtimes that share the cores (JAX and PyTorch) are instead timed in alternating blocks
+  (``time_blocks``), since their thread pools slow each other down when interleaved call by call;
 * report medians, and ratios as the median of the per-round (paired) ratios.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ __all__ = [
     "compile_fn",
     "memory_bytes",
     "time_interleaved",
+    "time_blocks",
     "paired_ratio",
     "median",
     "environment",
@@ -83,6 +86,42 @@ def time_interleaved(fns: Mapping[str, Tuple[Callable, Sequence[Any]]], reps: in
         if max_seconds is not None and r >= 2 and time.perf_counter() - t_start > max_seconds:
             break
     return times
+
+
+def time_blocks(groups: Mapping[str, Mapping[str, Tuple[Callable, Sequence[Any]]]], blocks: int = 6,
+                reps: int = 5, pause: float = 0.3) -> Tuple[Dict[str, list], Dict[str, list]]:
+    """Time functions in per-group blocks (for comparing two runtimes that share the cores).
+
+    ``groups`` = {group: {name: (fn, args)}}, e.g. {"jax": {...}, "torch": {...}}. Each block runs one
+    group only: a pause (``pause`` s, so the other runtime's worker threads go idle), one warm-up call
+    of each function, then ``reps`` interleaved rounds. The groups alternate, in a rotated order, for
+    ``blocks`` blocks each. Interleaving torch and XLA call by call instead made both ~2x slower on 2
+    cores (each runtime's spinning thread pool competes with the other's work).
+
+    Returns ({name: [seconds per call]}, {name: [median per block]}); block k of every group is
+    adjacent in time, so ratios of per-block medians pair like ``paired_ratio``.
+    """
+    names = [n for g in groups.values() for n in g]
+    times: Dict[str, list] = {n: [] for n in names}
+    per_block: Dict[str, list] = {n: [] for n in names}
+    order = list(groups)
+    for b in range(blocks):
+        k = b % len(order)
+        for gname in order[k:] + order[:k]:
+            fns = groups[gname]
+            time.sleep(pause)
+            for f, a in fns.values():
+                block(f(*a))
+            block_times: Dict[str, list] = {n: [] for n in fns}
+            for _ in range(reps):
+                for n, (f, a) in fns.items():
+                    t0 = time.perf_counter()
+                    block(f(*a))
+                    block_times[n].append(time.perf_counter() - t0)
+            for n, ts in block_times.items():
+                times[n].extend(ts)
+                per_block[n].append(statistics.median(ts))
+    return times, per_block
 
 
 def paired_ratio(times: Mapping[str, list], num: str, den: str) -> float:

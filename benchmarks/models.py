@@ -104,7 +104,7 @@ def _transformer_module(vocab=TF_VOCAB, context=TF_CONTEXT, width=TF_WIDTH, head
             q, k, v = jnp.split(qkv, 3, axis=-1)
             split = lambda t: t.reshape(t.shape[:-1] + (heads, dh))  # noqa: E731
             q, k, v = split(q), split(k), split(v)
-            att = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(dh)
+            att = jnp.einsum("...qhd,...khd->...hqk", q, k) * float(dh) ** -0.5  # weak type: stays float32
             causal = jnp.tril(jnp.ones((T, T), bool))
             att = jnp.where(causal, att, jnp.asarray(-1e9, att.dtype))
             o = jnp.einsum("...hqk,...khd->...qhd", jax.nn.softmax(att, axis=-1), v)

@@ -25,7 +25,9 @@ import time
 
 import numpy as np
 
-from benchmarks import bench_args, compile_fn, median, paired_ratio, time_interleaved, write_json
+from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, time_interleaved, write_json
+from alignment_geom._tree import tree_dot
+from benchmarks.curvature import _flops
 
 AGREE_TOL = 1e-5
 TARGET_SPEEDUP = 5.0
@@ -186,6 +188,42 @@ def _jax_leaves_to_torch(leaves, dtype):
 # --------------------------------------------------------------------------- HVP timing + agreement
 
 
+def gemm_peak_flops(quick: bool = False, n: int = 2048):
+    """This machine's dense float32 matmul throughput (flop/s): the best of JAX's and torch's n×n×n
+    GEMM (block-timed). The ceiling for any HVP of these GEMM-dominated models."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    n = 256 if quick else n
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul).lower(a, a).compile()
+    ta = torch.randn(n, n, dtype=torch.float32)
+    times, _ = time_blocks({"jax": {"jax_gemm": (mm, (a, a))}, "torch": {"torch_gemm": (torch.matmul, (ta, ta))}},
+                           blocks=2, reps=2 if quick else 5, pause=0.05 if quick else 0.3)
+    rates = {k: 2.0 * n ** 3 / min(t) for k, t in times.items()}
+    return {"n": n, "flop_per_s": rates, "peak_flop_per_s": max(rates.values())}
+
+
+def _roofline(flops, med, quick=False):
+    """How far each framework's HVP is from this machine's GEMM peak, and what that allows: the
+    fastest possible HVP does the fewest flops of the exact formulations (XLA's count of forward-over-
+    reverse and reverse-over-reverse) at peak, so torch's HVP time ÷ that is the largest speedup any
+    implementation could show over torch on this machine."""
+    if not flops.get("hvp"):
+        return None
+    peak = gemm_peak_flops(quick=quick)
+    fmin = min(f for f in (flops["hvp"], flops.get("hvp_rev_rev")) if f)
+    t_floor = fmin / peak["peak_flop_per_s"]
+    return {
+        "gemm": peak, "hvp_min_flops": fmin, "hvp_time_at_peak_s": t_floor,
+        "jax_hvp_fraction_of_peak": t_floor / med["jax_hvp"],
+        "torch_hvp_fraction_of_peak": t_floor / med["torch_hvp"],
+        "jax_grad_fraction_of_peak": flops["grad"] / peak["peak_flop_per_s"] / med["jax_grad"],
+        "max_attainable_speedup_over_torch": med["torch_hvp"] / t_floor,
+    }
+
+
 def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
     import jax
     import jax.numpy as jnp
@@ -226,27 +264,38 @@ def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
                 params = list(module.parameters())
                 return torch.autograd.grad(module.loss(tb), params)
 
-            times = time_interleaved({
-                "jax_grad": (gj, (model.params, model.batch)),
-                "jax_hvp": (fj, (model.params, v, model.batch)),
-                "torch_grad": (t_grad, ()),
-                "torch_hvp": (lambda: torch_hvp(module, tb, vs), ()),
-            }, reps=reps, max_seconds=5.0 if quick else 90.0)
+            rev_rev = jax.jit(lambda p, w, b: jax.grad(
+                lambda q: tree_dot(jax.grad(model.loss_fn)(q, b), w))(p))
+            flops = {"grad": _flops(gj), "hvp": _flops(fj),
+                     "hvp_rev_rev": _flops(rev_rev.lower(model.params, v, model.batch).compile())}
+            times, per_block = time_blocks({
+                "jax": {"jax_grad": (gj, (model.params, model.batch)), "jax_hvp": (fj, (model.params, v, model.batch))},
+                "torch": {"torch_grad": (t_grad, ()), "torch_hvp": (lambda: torch_hvp(module, tb, vs), ())},
+            }, blocks=2 if quick else max(2, reps // 2), reps=2 if quick else 5, pause=0.05 if quick else 0.3)
+            med = {k: median(t) for k, t in times.items()}
             out.update({
-                "rounds": len(times["jax_hvp"]),
+                "timing": "alternating per-framework blocks (benchmarks.time_blocks)",
+                "calls_per_function": len(times["jax_hvp"]), "blocks": len(per_block["jax_hvp"]),
                 "torch_threads": torch.get_num_threads(),
-                "median_s": {k: median(t) for k, t in times.items()},
-                "speedup_hvp": paired_ratio(times, "torch_hvp", "jax_hvp"),
-                "speedup_grad": paired_ratio(times, "torch_grad", "jax_grad"),
-                "torch_hvp_over_torch_grad": paired_ratio(times, "torch_hvp", "torch_grad"),
-                "jax_hvp_over_jax_grad": paired_ratio(times, "jax_hvp", "jax_grad"),
+                "median_s": med,
+                "speedup_hvp": paired_ratio(per_block, "torch_hvp", "jax_hvp"),
+                "speedup_grad": paired_ratio(per_block, "torch_grad", "jax_grad"),
+                "torch_hvp_over_torch_grad": paired_ratio(per_block, "torch_hvp", "torch_grad"),
+                "jax_hvp_over_jax_grad": paired_ratio(per_block, "jax_hvp", "jax_grad"),
                 "jax_compile_s": tcomp,
+                "xla_flops": flops,
             })
+            out["roofline"] = _roofline(flops, med, quick=quick)
     out["agree"] = bool(out["hvp_rel_diff_float64"] <= AGREE_TOL)
     out["pass"] = bool(out["speedup_hvp"] >= TARGET_SPEEDUP)
     log(f"[torch] {model_name}: HVP torch/jax = {out['speedup_hvp']:.2f}x (target >= {TARGET_SPEEDUP}), "
         f"grad torch/jax = {out['speedup_grad']:.2f}x, torch HVP = {out['torch_hvp_over_torch_grad']:.2f} torch grads, "
         f"|dHv|/|Hv| f64 = {out['hvp_rel_diff_float64']:.1e}, f32 = {out['hvp_rel_diff_float32']:.1e}")
+    rf = out.get("roofline")
+    if rf:
+        log(f"[torch] {model_name}: GEMM peak {rf['gemm']['peak_flop_per_s'] / 1e9:.0f} GFLOP/s; HVP at "
+            f"{100 * rf['jax_hvp_fraction_of_peak']:.0f}% of it in JAX, {100 * rf['torch_hvp_fraction_of_peak']:.0f}% "
+            f"in torch -> at most {rf['max_attainable_speedup_over_torch']:.2f}x over torch is possible here")
     return out
 
 

@@ -23,8 +23,11 @@ def test_run_quick_writes_json(tmp_path):
         assert math.isfinite(cur["ratio_to_grad"][op]) and cur["ratio_to_grad"][op] > 0
     assert cur["dtype"] == ["float32"]  # the timed operators really run in float32
     sw = data["sweep"]
-    # the vmapped sweep computes the same flows as the loop
-    assert sw["max_abs_diff_vmapped_vs_loop"] <= 1e-5 * max(1.0, sw["displacement_scale"])
+    # the vmapped (and, with several host devices, the sharded) sweep computes the same flows as the loop
+    assert sw["max_abs_diff_vs_loop"] <= 1e-5 * max(1.0, sw["displacement_scale"])
+    assert sw["displacement_scale"] > 0
+    # the test session has 8 host devices (conftest): the 4x4 quick grid is also run sharded over them
+    assert sw["devices"] == 8 and math.isfinite(sw["speedup_sharded"]) and sw["speedup_sharded"] > 0
     quantities = [r["quantity"] for r in data["table"]]
     assert any(q.startswith("hvp / grad") for q in quantities)
     assert res["seconds"]["total"] > 0
@@ -65,3 +68,15 @@ def test_torch_mirror_hvp_agrees():
                                    rtol=1e-12)
         for n, t in zip(names, hv_t):
             np.testing.assert_allclose(t.numpy(), np.asarray(hv_j[order[n]]), rtol=1e-9, atol=1e-12, err_msg=n)
+
+
+def test_sweep_child_process_one_host_device_per_core():
+    # what `python -m benchmarks.run` does on a 1-device CPU backend: re-run the sweep in a child
+    # process with N forced host devices, the loop and vmapped on one, sharded over all N
+    from benchmarks import sweep
+
+    res = sweep.run_subprocess(2, quick=True, reps=1, log=lambda *_: None)
+    assert "--xla_force_host_platform_device_count=2" in res["xla_flags"]
+    assert res["devices"] == 2 and res["n_configs"] == 16
+    assert res["max_abs_diff_vs_loop"] <= 1e-5 * max(1.0, res["displacement_scale"])
+    assert math.isfinite(res["speedup_sharded"]) and math.isfinite(res["speedup_one_device"])

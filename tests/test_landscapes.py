@@ -153,3 +153,31 @@ def test_aic_measure_reproduces_configuration():
     np.testing.assert_allclose(rep.c3_F, ls.info["c3_F"], rtol=1e-8)
     np.testing.assert_allclose(rep.t0, ls.info["t0"], rtol=1e-8)
     np.testing.assert_allclose(rep.c4_bound_F, ls.info["bound_F"], rtol=1e-8)
+
+
+def _sliced_loss(params, batch):
+    """The module docstring's L(θ) written term by term with the slices s, w, y (the reference form)."""
+    x = params["theta"] - batch["theta0"]
+    delta = x - 2.0 * batch["v"] * jnp.dot(batch["v"], x)
+    d, nt = batch["c"].shape[-1], batch["c_tail"].shape[-1]
+    s, w, y = delta[:d], delta[d], delta[d + 1:d + 1 + nt]
+    loss = (jnp.dot(batch["b"], delta) + 0.5 * jnp.dot(batch["h"], delta * delta)
+            + w * (jnp.dot(batch["c"], s) + jnp.dot(batch["c_tail"], y)) + 0.5 * w * w * jnp.dot(batch["k3"], s))
+    if "noise" in batch:
+        loss = loss + jnp.dot(jnp.mean(batch["noise"], axis=0), delta)
+    return loss
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(n=12, d=2, n_tail=0, third_order=0.5, n_examples=3, grad_noise=0.1)])
+def test_loss_equals_sliced_reference_formula(cfg):
+    # landscape_loss uses full-length vectors (no pads in its gradient): same value, gradient and
+    # Hessian as the sliced formula, at θ* and at random points away from it.
+    ls = L.make_landscape(**{"third_order": 0.7, **cfg})
+    for i in range(3):
+        theta = ls.params["theta"] + (0.0 if i == 0 else jax.random.normal(jax.random.PRNGKey(i), ls.params["theta"].shape))
+        p = {"theta": theta}
+        np.testing.assert_allclose(L.landscape_loss(p, ls.batch), _sliced_loss(p, ls.batch), rtol=1e-13, atol=1e-14)
+        np.testing.assert_allclose(jax.grad(L.landscape_loss)(p, ls.batch)["theta"],
+                                   jax.grad(_sliced_loss)(p, ls.batch)["theta"], rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(dense_hessian(L.landscape_loss, p, ls.batch)[0],
+                               dense_hessian(_sliced_loss, p, ls.batch)[0], rtol=1e-12, atol=1e-13)

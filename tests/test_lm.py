@@ -272,3 +272,27 @@ def test_config_validation():
     c.heads = 3
     with pytest.raises(runner.ConfigError, match="heads"):
         T.validate(c)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_low_precision_model_has_no_float64_under_x64(dtype):
+    # strict dtype promotion: with jax_enable_x64 on (conftest), a float32/bfloat16 model must not
+    # compute anything in float64 (a float64 numpy scalar in the attention scale once did)
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY, dtype=dtype)
+    params = lm.init_params(cfg, jax.random.PRNGKey(0))
+    lora = lm.init_lora(params, lm.LoRAConfig(rank=2), jax.random.PRNGKey(1))
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves((params, lora))} == {dtype}
+    data = D.make_dataset("gsm8k", 3, 0, context=24)
+    batch = {"tokens": jnp.asarray(data["tokens"]), "loss_mask": jnp.asarray(data["loss_mask"])}
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: lm.lm_loss(cfg, p, batch)))(params))
+    assert "f64" not in jaxpr
+    assert jax.eval_shape(lambda p: lm.apply(cfg, p, batch["tokens"]), params).dtype == jnp.dtype(dtype)
+
+
+def test_benchmark_transformer_float32_has_no_float64_under_x64():
+    from benchmarks.models import get_model
+
+    m = get_model("transformer", quick=True, dtype=jnp.float32)
+    assert "f64" not in str(jax.make_jaxpr(jax.grad(m.loss_fn))(m.params, m.batch))
