@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, time_interleaved, write_json
+from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, write_json
 from alignment_geom._tree import tree_dot
 from benchmarks.curvature import _flops
 
