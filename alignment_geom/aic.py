@@ -35,6 +35,7 @@ __all__ = [
     "SensitiveSubspace",
     "fisher_operator",
     "fisher_trace",
+    "empirical_fisher_trace",
     "sensitive_subspace",
     "coordinates",
     "project",
@@ -208,7 +209,10 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         per-example log π(safe completion | prompt)) or "random_subspace" (the paper's estimator on
         the empirical Fisher: logprob_fn, safety_batch, ``sketch_dim`` = k; eigenvectors mapped back).
       mask: restrict to a parameter block (F_SS).
-      key: PRNG key (default PRNGKey(0)). method / tol / num_steps: passed to spectral.top_eigenpairs.
+      key: PRNG key (default PRNGKey(0)). method / tol / num_steps: passed to spectral.top_eigenpairs
+        ("lanczos", "lobpcg", "randomized"); or method="gram" with fisher="empirical": exact eigenpairs
+        from the m×m Gram matrix of the m per-example gradients (``spectral.gram_eigenpairs``; memory
+        m·n, cost about one batched gradient + O(m²n); what alignment-risk's SVD computes).
     """
     if (d is None) == (energy is None):
         raise ValueError("give exactly one of d (the dimension) and energy (a cumulative-energy threshold)")
@@ -229,6 +233,22 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         lam, basis = rs.eigvals[:kk], tree_map(lambda x: x[:kk], rs.eigvecs)
         res = jnp.full((kk,), jnp.nan, lam.dtype)
         total = rs.trace if total is None else total
+    elif method == "gram":
+        if fisher != "empirical":
+            raise ValueError("method='gram' is for fisher='empirical' (the Gram matrix of the per-example "
+                             f"gradients); got fisher={fisher!r}")
+        if logprob_fn is None or safety_batch is None:
+            raise ValueError("fisher='empirical' needs logprob_fn and safety_batch")
+        m = int(jax.tree_util.tree_leaves(safety_batch)[0].shape[0])
+        if kk > m:
+            raise ValueError(f"the empirical Fisher of m = {m} examples has rank ≤ {m} < d = {kk}")
+
+        def build_gram():
+            from alignment_geom import curvature
+
+            return lambda p, b: spectral.gram_eigenpairs(curvature.per_example_grads(logprob_fn, p, b, mask), kk)
+
+        lam, basis, res = _cached_jit(("gram", logprob_fn, kk, _mask_key(mask)), build_gram)(params, safety_batch)
     else:
         def build():
             def solve(p, x, b, k_):
@@ -251,10 +271,47 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
     return SensitiveSubspace(tree_map(lambda x: x[:dd], basis), lam[:dd], res[:dd])
 
 
+def empirical_fisher_trace(logprob_fn: Callable, params: PyTree, batch: Any, *, mask: Optional[PyTree] = None,
+                           max_chunk_elements: int = 2 ** 26) -> jax.Array:
+    """tr F̂ = (1/m) Σᵢ ‖∇_θ log π(yᵢ|xᵢ)‖² of the empirical Fisher F̂ = (1/m) Σᵢ ∇log πᵢ ∇log πᵢᵀ (exact).
+
+    ``batch`` has the example axis first on every leaf (m examples; each is passed to ``logprob_fn``
+    as a batch of one, as in ``curvature.per_example_grads``). The per-example gradients are formed in
+    chunks of c = max(1, ⌊max_chunk_elements / n⌋) examples (lax.map), so memory is c × n, not m × n.
+    ``mask`` restricts θ to a parameter block (the trace of F̂_SS). Returns a scalar.
+    """
+    check_mask(mask, params)
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("batch has no leaves")
+    m = int(leaves[0].shape[0])
+    n = max(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)), 1)
+    chunk = max(1, min(m, int(max_chunk_elements) // n))
+
+    def sq_norm(ex):
+        ex1 = tree_map(lambda x: x[None], ex)
+        g = apply_mask(mask, jax.grad(lambda p: logprob_fn(p, ex1)[0])(params))
+        return sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(g))
+
+    return jnp.mean(jax.lax.map(sq_norm, batch, batch_size=chunk))
+
+
 def fisher_trace(params, *, fisher="true", logits_fn=None, inputs=None, logprob_fn=None, safety_batch=None,
                  mask=None, key=None, exact_max_n: int = 2048, num_matvecs: int = 300):
-    """(tr F, method, standard error): exact (n matvecs on unit vectors) for n ≤ exact_max_n, else Hutch++."""
+    """(tr F, method, standard error).
+
+    fisher="empirical": tr F̂ = (1/m) Σᵢ ‖∇_θ log π(yᵢ|xᵢ)‖², exact for every n, from the m per-example
+    gradients (:func:`empirical_fisher_trace`; about one batched gradient of work instead of the
+    ``num_matvecs`` Fisher matvecs of Hutch++). Otherwise exact (n matvecs on unit vectors) for
+    n ≤ exact_max_n, else Hutch++ with ``num_matvecs``.
+    """
     key = jax.random.PRNGKey(0) if key is None else key
+    if fisher == "empirical":
+        if logprob_fn is None or safety_batch is None:
+            raise ValueError("fisher='empirical' needs logprob_fn and safety_batch")
+        t = _cached_jit(("trace_emp", logprob_fn, _mask_key(mask)), lambda: (
+            lambda p, b: empirical_fisher_trace(logprob_fn, p, b, mask=mask)))(params, safety_batch)
+        return t, "exact", jnp.zeros_like(t)
     n = _n_params(params, mask)
     exact = n <= exact_max_n
 
@@ -380,8 +437,9 @@ def measure(ft_loss: Callable, params: PyTree, ft_batch: Any, logits_fn: Optiona
     g = ∇L(θ*), H g and c_3 = −(H²g + D³L[g, g])/6 come from ``curvature.flow_taylor`` (order 3:
     c_1 = −g, c_2 = Hg/2). P projects onto the top-d eigenvectors of the skill Fisher F(θ*)
     (:func:`sensitive_subspace`; pass ``subspace`` to reuse one). Everything is matrix-free: cost
-    ≈ the eigensolver's matvecs + one order-3 Taylor pass + the trace (n unit-vector matvecs when
-    n ≤ exact_trace_max_n, else Hutch++ with ``trace_matvecs``).
+    ≈ the eigensolver's matvecs + one order-3 Taylor pass + the trace (fisher="empirical": exact, from
+    the m per-example gradients; otherwise n unit-vector matvecs when n ≤ exact_trace_max_n, else
+    Hutch++ with ``trace_matvecs``).
 
     Conditions (verdicts None when the thresholds they need are not given):
       low_rank:      tail ≤ ε_tail (tail_threshold, default eps_threshold) and λ_d ≥ λ (lam_threshold);

@@ -163,6 +163,8 @@ def _rand_like_flat(key, flat, mflat, dist="normal"):
 
 # --------------------------------------------------------------------------- Lanczos
 
+_BASIS_BLOCK = 16  # rows per block of the stored Krylov basis (see _lanczos_core)
+
 
 def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", check_every=1, min_steps=None):
     """Lanczos with full re-orthogonalisation ("twice is enough") in a lax.while_loop.
@@ -173,19 +175,32 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
     With ``tol`` it stops as soon as the k wanted Ritz pairs have relative residual estimates
     β_{m-1}|s_{m-1,i}|/|θ_i| ≤ tol (checked every ``check_every`` steps, never before ``min_steps``).
 
-    Returns (alpha (S,), beta (S,), Q (S+1, n), m steps done, converged).
+    The basis is stored in blocks of ``_BASIS_BLOCK`` rows, and step j projects only against the
+    ⌈(j+1)/block⌉ blocks filled so far (a lax.fori_loop over blocks): the re-orthogonalisation
+    cost grows with the steps actually taken, not with ``max_steps`` (one (S+1)×n matvec pass
+    costs as much as all of them; benchmarks/spectral.py measures the step cost).
+
+    Returns (alpha (S,), beta (S,), Q (R, n) with R ≥ S+1 rows, rows past m zero, m steps done,
+    converged).
     """
     n = q0.shape[0]
     dtype = q0.dtype
     S = max_steps
     eps_bd = jnp.finfo(dtype).eps ** 0.75
     min_steps = max(k, 1) if min_steps is None else min_steps
+    B = min(_BASIS_BLOCK, S + 1)
+    NB = -(-(S + 1) // B)
 
-    def orth(Q, w):
-        w = w - Q.T @ (Q @ w)
-        return w - Q.T @ (Q @ w)
+    def gram_schmidt(Q, w, j):
+        """One classical Gram–Schmidt pass, w − Q_{0..j}ᵀ(Q_{0..j} w), over the filled blocks only."""
+        nblk = j // B + 1
+        h = lax.fori_loop(0, nblk, lambda c, h: h.at[c].set(Q[c] @ w), jnp.zeros((NB, B), dtype))
+        return lax.fori_loop(0, nblk, lambda c, ww: ww - Q[c].T @ h[c], w)
 
-    Q0 = jnp.zeros((S + 1, n), dtype).at[0].set(q0 / jnp.linalg.norm(q0))
+    def orth(Q, w, j):
+        return gram_schmidt(Q, gram_schmidt(Q, w, j), j)
+
+    Q0 = jnp.zeros((NB, B, n), dtype).at[0, 0].set(q0 / jnp.linalg.norm(q0))
     alpha0 = jnp.zeros((S,), dtype)
     beta0 = jnp.zeros((S,), dtype)
 
@@ -202,27 +217,28 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
 
     def body(state):
         j, Q, alpha, beta, _, scale = state
-        q = Q[j]
+        q = Q[j // B, j % B]
         w = mv(q)
         a = jnp.vdot(q, w)
-        w = w - a * q - jnp.where(j > 0, beta[jnp.maximum(j - 1, 0)], 0.0) * Q[jnp.maximum(j - 1, 0)]
+        jp = jnp.maximum(j - 1, 0)
+        w = w - a * q - jnp.where(j > 0, beta[jp], 0.0) * Q[jp // B, jp % B]
         # classical Gram–Schmidt against the whole basis, repeated only when it cancelled much of w
         # (the DGKS criterion ‖w'‖ < ‖w‖/√2): two passes over Q per step instead of four, usually
         n0 = jnp.linalg.norm(w)
-        w = w - Q.T @ (Q @ w)
+        w = gram_schmidt(Q, w, j)
         n1 = jnp.linalg.norm(w)
-        w = lax.cond(n1 < 0.7071 * n0, lambda: w - Q.T @ (Q @ w), lambda: w)
+        w = lax.cond(n1 < 0.7071 * n0, lambda: gram_schmidt(Q, w, j), lambda: w)
         b = jnp.linalg.norm(w)
         scale = jnp.maximum(scale, jnp.maximum(jnp.abs(a), b))
         breakdown = b <= eps_bd * scale
         # fresh direction after a breakdown (beta stored as 0 keeps T block-diagonal); only computed then
         def restart():
-            r = orth(Q, orth(Q, _rand_like_flat(jax.random.fold_in(key, j), q0, mflat)))
+            r = orth(Q, orth(Q, _rand_like_flat(jax.random.fold_in(key, j), q0, mflat), j), j)
             return r / jnp.linalg.norm(r)
 
         w_next = lax.cond(breakdown, restart, lambda: w / b)
         b = jnp.where(breakdown, 0.0, b)
-        Q = Q.at[j + 1].set(w_next)
+        Q = Q.at[(j + 1) // B, (j + 1) % B].set(w_next)
         alpha = alpha.at[j].set(a)
         beta = beta.at[j].set(b)
         m = j + 1
@@ -236,7 +252,7 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
     state = (jnp.asarray(0), Q0, alpha0, beta0, jnp.asarray(False), jnp.zeros((), dtype))
     m, Q, alpha, beta, done, _ = lax.while_loop(cond, body, state)
     converged = jnp.asarray(True) if tol is None else done
-    return alpha, beta, Q, m, converged
+    return alpha, beta, Q.reshape(NB * B, n), m, converged
 
 
 def _tridiag_eig(alpha, beta, m):
@@ -268,7 +284,8 @@ def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_ev
     idx = _select(theta, k, which, valid)
     lam = theta[idx]
     Sk = s[:, idx]                                    # (S, k)
-    V = Sk.T @ Q[:-1]                                 # (k, n) Ritz vectors
+    Sk_rows = jnp.zeros((Q.shape[0], k), Sk.dtype).at[:Sk.shape[0]].set(Sk)  # rows ≥ S of Q are unused
+    V = Sk_rows.T @ Q                                 # (k, n) Ritz vectors
     est = jnp.abs(beta[m - 1] * Sk[m - 1]) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
     info = SolverInfo(num_matvecs=m, num_iters=m, converged=converged, residual_estimates=est)
     return lam, V, info
@@ -446,9 +463,13 @@ def gram_eigenpairs(grads, k: Optional[int] = None, *, mean: bool = True):
     sig, U = sig[::-1][:k], U[:, ::-1][:, :k]
     tiny = jnp.finfo(G.dtype).tiny
     # K u = σ u with K = c GGᵀ  ⇒  F̂ (Gᵀu) = c Gᵀ(GGᵀu) = σ Gᵀu and ‖Gᵀu‖² = σ/c
-    V = (U.T @ G) / jnp.sqrt(jnp.maximum(sig / c, tiny))[:, None]
-    FV = c * ((V @ G.T) @ G)
-    res = jnp.linalg.norm(FV - sig[:, None] * V, axis=1) / jnp.maximum(jnp.abs(sig), tiny)
+    D = jnp.sqrt(jnp.maximum(sig / c, tiny))
+    V = (U.T @ G) / D[:, None]
+    # residual F̂V − σV = (c V Gᵀ − σ D⁻¹ Uᵀ) G: one (k, m) @ (m, n) product. Written as c (V Gᵀ) G − σ V,
+    # XLA:CPU (jaxlib 0.10.2) fuses the two dots and the row norms into one YNNPACK fusion that took 21 s
+    # instead of 1 s at m = 64, n = 1M in float64 (found by benchmarks/torch_peer.py, method="gram").
+    M = c * (V @ G.T) - (sig / D)[:, None] * U.T
+    res = jnp.linalg.norm(M @ G, axis=1) / jnp.maximum(jnp.abs(sig), tiny)
     if is_array:
         return sig, V, res
     leaves, treedef = jax.tree_util.tree_flatten(grads)

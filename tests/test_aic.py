@@ -203,6 +203,63 @@ def test_sensitive_subspace_energy_empirical_and_random_subspace():
         aic.sensitive_subspace(params, 3, fisher="empirical")
 
 
+
+@pytest.mark.parametrize("chunk_examples", [1, 4, None])
+def test_empirical_fisher_trace_exact_against_dense(chunk_examples):
+    """tr F̂ from per-example gradients (chunked lax.map, remainder chunk included) equals the trace of the
+    dense F̂ = GᵀG/m, also on a masked block; fisher_trace and measure use it for every n ("exact")."""
+    params, ft_loss, _, _, logprob_fn, safety_batch, _ = _land(0.25)
+    flat, unravel = ravel_pytree(params)
+    G = np.asarray(jax.jacobian(lambda f: logprob_fn(unravel(f), safety_batch))(flat))
+    m, n = G.shape
+    assert m == 6 and n == 16
+    chunk_kw = {} if chunk_examples is None else {"max_chunk_elements": chunk_examples * n}
+    t = aic.empirical_fisher_trace(logprob_fn, params, safety_batch, **chunk_kw)
+    np.testing.assert_allclose(float(t), np.trace(G.T @ G / m), rtol=1e-13)
+    mask = {"w": True, "v": np.array([True, False, True, False, False, True, False, True])}
+    idx = np.nonzero(ravel_pytree({k: np.broadcast_to(mk, (8,)) for k, mk in mask.items()})[0])[0]
+    tm = aic.empirical_fisher_trace(logprob_fn, params, safety_batch, mask=mask, **chunk_kw)
+    np.testing.assert_allclose(float(tm), np.sum(G[:, idx] ** 2) / m, rtol=1e-13)
+    # fisher_trace / measure: exact even where the Fisher-matvec trace would switch to Hutch++ (n > exact_max_n)
+    t2, how, se = aic.fisher_trace(params, fisher="empirical", logprob_fn=logprob_fn, safety_batch=safety_batch,
+                                   exact_max_n=4)
+    assert how == "exact" and float(se) == 0.0
+    np.testing.assert_allclose(float(t2), float(t), rtol=1e-14)
+    rep = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, fisher="empirical", logprob_fn=logprob_fn,
+                      safety_batch=safety_batch, tol=1e-12, exact_trace_max_n=4)
+    assert rep.trace_method == "exact"
+    np.testing.assert_allclose(rep.trace, float(t), rtol=1e-14)
+    np.testing.assert_allclose(rep.tail, float(t) - np.sum(np.sort(np.linalg.eigvalsh(G.T @ G / m))[::-1][:3]),
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="logprob_fn"):
+        aic.fisher_trace(params, fisher="empirical")
+
+
+def test_gram_method_empirical_fisher_matches_lanczos_and_dense():
+    """method="gram" (exact eigenpairs of F̂ from the m×m Gram matrix) agrees with the dense F̂ and with
+    Lanczos, in the subspace and in every measured quantity."""
+    params, ft_loss, _, _, logprob_fn, safety_batch, _ = _land(0.25)
+    flat, unravel = ravel_pytree(params)
+    G = np.asarray(jax.jacobian(lambda f: logprob_fn(unravel(f), safety_batch))(flat))
+    w, U = np.linalg.eigh(G.T @ G / G.shape[0])
+    w, U = w[::-1][:3], U[:, ::-1][:, :3]
+    kw = dict(fisher="empirical", logprob_fn=logprob_fn, safety_batch=safety_batch)
+    sub = aic.sensitive_subspace(params, 3, method="gram", **kw)
+    np.testing.assert_allclose(np.asarray(sub.eigvals), w, rtol=1e-12)
+    V = np.asarray(sp.as_matrix(sub.basis))
+    np.testing.assert_allclose(np.abs(np.sum(V * U.T, axis=1)), 1.0, atol=1e-10)
+    assert np.all(np.asarray(sub.residuals) < 1e-12)
+    r_gram = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, method="gram", **kw)
+    r_lz = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, tol=1e-12, **kw)
+    assert r_gram.method == "gram"
+    for name in ("eigvals", "lam", "trace", "tail", "eps", "eps_F", "gamma_E", "gamma_F", "c3_F"):
+        np.testing.assert_allclose(np.asarray(getattr(r_gram, name)), np.asarray(getattr(r_lz, name)), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match="gram"):
+        aic.sensitive_subspace(params, 3, method="gram", logits_fn=lambda p, x: x, inputs=jnp.zeros((2, 2)))
+    with pytest.raises(ValueError, match="rank"):
+        aic.sensitive_subspace(params, 7, method="gram", **kw)
+
 def test_measure_sharded_equals_unsharded():
     params, ft_loss, logits_fn, inputs, _, _, _ = _land(0.25)
     mesh = Mesh(np.array(jax.devices()[:8]), ("x",))

@@ -97,6 +97,25 @@ def test_lanczos_plain_wishart_tolerance_and_rank_deficient():
     np.testing.assert_allclose(V @ V.T, np.eye(5), atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [5, 15, 16, 37])
+def test_lanczos_core_blocked_basis_is_a_lanczos_decomposition(steps):
+    """The Krylov basis is stored in blocks of 16 rows and each step re-orthogonalises against the
+    filled blocks only: Q has orthonormal rows 0..m, zero rows after, and Q_m A Q_mᵀ = T_m (dense check)."""
+    n = 50
+    A = np.asarray(_wishart(n, 70, 11))
+    q0 = jax.random.normal(KEY, (n,), jnp.float64)
+    alpha, beta, Q, m, _ = jax.jit(lambda q: sp._lanczos_core(lambda x: jnp.asarray(A) @ x, q, steps,
+                                                              key=KEY, mflat=None))(q0)
+    Q, m = np.asarray(Q), int(m)
+    assert m == steps and Q.shape[0] >= steps + 1 and Q.shape[0] % 16 in (0, steps + 1)
+    np.testing.assert_allclose(Q[:m + 1] @ Q[:m + 1].T, np.eye(m + 1), atol=1e-13)
+    assert not np.any(Q[m + 1:])
+    T_m = np.diag(np.asarray(alpha)[:m]) + np.diag(np.asarray(beta)[:m - 1], 1) + np.diag(np.asarray(beta)[:m - 1], -1)
+    np.testing.assert_allclose(Q[:m] @ A @ Q[:m].T, T_m, atol=1e-12)
+    # first row is the normalised start vector
+    np.testing.assert_allclose(Q[0], np.asarray(q0) / np.linalg.norm(np.asarray(q0)), atol=1e-15)
+
+
 def test_lanczos_dense_hessian_indefinite():
     """Dense Hessian of a tanh MLP with n = 3·7 + 7 + 7·4 + 4 = 60 parameters (indefinite)."""
     mdl = T.mlp_model(jax.random.PRNGKey(3), n_in=3, hidden=7, n_out=4)
