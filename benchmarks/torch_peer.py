@@ -306,7 +306,6 @@ def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
 
 def bench_aic(quick: bool = False, d: int = 8, m: int = 64, log=print):
     """alignment-risk's Fisher + curvature analyzers against aic.measure(fisher="empirical"), float64."""
-    import jax
     import jax.numpy as jnp
     import torch
 
