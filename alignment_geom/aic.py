@@ -204,7 +204,8 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
       params: θ*.
       d: the subspace dimension; or give ``energy`` ∈ (0, 1] to take the smallest d with
         Σ_{j≤d} λ_j ≥ energy · tr F (from the top ``k_max`` eigenpairs, default 64; tr F exact for
-        small n, Hutch++ otherwise, or pass ``total``). d = k_max if the energy is not reached.
+        small n or fisher="empirical", Hutch++ otherwise, or pass ``total``). d = k_max if the energy is
+        not reached.
       fisher: "true" (logits_fn, inputs: the skill's inputs), "empirical" (logprob_fn, safety_batch:
         per-example log π(safe completion | prompt)) or "random_subspace" (the paper's estimator on
         the empirical Fisher: logprob_fn, safety_batch, ``sketch_dim`` = k; eigenvectors mapped back).
@@ -214,6 +215,21 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         from the m×m Gram matrix of the m per-example gradients (``spectral.gram_eigenpairs``; memory
         m·n, cost about one batched gradient + O(m²n); what alignment-risk's SVD computes).
     """
+    return _sensitive_subspace(
+        params, d, logits_fn=logits_fn, inputs=inputs, fisher=fisher, logprob_fn=logprob_fn,
+        safety_batch=safety_batch, energy=energy, k_max=k_max, total=total, mask=mask, key=key, method=method,
+        tol=tol, num_steps=num_steps, sketch_dim=sketch_dim, trace_options=trace_options)[0]
+
+
+def _sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Optional[Callable] = None,
+                        inputs: Any = None, fisher: str = "true", logprob_fn: Optional[Callable] = None,
+                        safety_batch: Any = None, energy: Optional[float] = None, k_max: Optional[int] = None,
+                        total: Optional[float] = None, mask: Optional[PyTree] = None,
+                        key: Optional[jax.Array] = None, method: str = "lanczos", tol: Optional[float] = None,
+                        num_steps: Optional[int] = None, sketch_dim: int = 4096,
+                        trace_options: Optional[dict] = None):
+    """:func:`sensitive_subspace`, and tr F̂ when it came for free (method="gram": the squared norms of the
+    same per-example gradients), else None: returns (SensitiveSubspace, trace or None)."""
     if (d is None) == (energy is None):
         raise ValueError("give exactly one of d (the dimension) and energy (a cumulative-energy threshold)")
     key = jax.random.PRNGKey(0) if key is None else key
@@ -221,6 +237,7 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
     kk = d if d is not None else min(64 if k_max is None else k_max, n)
     if not isinstance(kk, (int, np.integer)) or not 1 <= kk <= n:
         raise ValueError(f"d must be an integer in [1, n={n}]; got {kk!r}")
+    free_trace = None
     if fisher == "random_subspace":
         if logprob_fn is None or safety_batch is None:
             raise ValueError("fisher='random_subspace' needs logprob_fn and safety_batch")
@@ -246,9 +263,15 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         def build_gram():
             from alignment_geom import curvature
 
-            return lambda p, b: spectral.gram_eigenpairs(curvature.per_example_grads(logprob_fn, p, b, mask), kk)
+            def solve(p, b):
+                # one pass of per-example gradients G (m × n) gives the eigenpairs and tr F̂ = tr(GGᵀ)/m
+                G = curvature.per_example_grads(logprob_fn, p, b, mask)
+                return spectral._gram_eigenpairs_and_trace(G, kk, True)
+            return solve
 
-        lam, basis, res = _cached_jit(("gram", logprob_fn, kk, _mask_key(mask)), build_gram)(params, safety_batch)
+        lam, basis, res, free_trace = _cached_jit(("gram", logprob_fn, kk, _mask_key(mask)), build_gram)(
+            params, safety_batch)
+        total = free_trace if total is None else total
     else:
         def build():
             def solve(p, x, b, k_):
@@ -262,13 +285,13 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         lam, basis, res = _cached_jit(cfg, build)(params, inputs, safety_batch, key)
     sub = SensitiveSubspace(basis, lam, res)
     if energy is None:
-        return sub
+        return sub, free_trace
     if total is None:
         total, _, _ = fisher_trace(params, fisher=fisher, logits_fn=logits_fn, inputs=inputs, logprob_fn=logprob_fn,
                                    safety_batch=safety_batch, mask=mask, key=jax.random.fold_in(key, 1),
                                    **(trace_options or {}))
     dd = spectral.dim_for_energy(lam, energy, total)
-    return SensitiveSubspace(tree_map(lambda x: x[:dd], basis), lam[:dd], res[:dd])
+    return SensitiveSubspace(tree_map(lambda x: x[:dd], basis), lam[:dd], res[:dd]), free_trace
 
 
 def empirical_fisher_trace(logprob_fn: Callable, params: PyTree, batch: Any, *, mask: Optional[PyTree] = None,
@@ -455,10 +478,12 @@ def measure(ft_loss: Callable, params: PyTree, ft_batch: Any, logits_fn: Optiona
     n = _n_params(params, mask)
     if not isinstance(d, (int, np.integer)) or not 1 <= d <= n:
         raise ValueError(f"d must be an integer in [1, n={n}]; got {d!r}")
+    free_trace = None
     if subspace is None:
-        subspace = sensitive_subspace(params, d, logits_fn=logits_fn, inputs=safety_inputs, fisher=fisher,
-                                      logprob_fn=logprob_fn, safety_batch=safety_batch, mask=mask, key=key,
-                                      method=method, tol=tol, num_steps=num_steps, sketch_dim=sketch_dim)
+        subspace, free_trace = _sensitive_subspace(
+            params, d, logits_fn=logits_fn, inputs=safety_inputs, fisher=fisher, logprob_fn=logprob_fn,
+            safety_batch=safety_batch, mask=mask, key=key, method=method, tol=tol, num_steps=num_steps,
+            sketch_dim=sketch_dim)
     elif subspace.eigvals.shape[0] != d:
         raise ValueError(f"subspace has dimension {subspace.eigvals.shape[0]}, expected d = {d}")
 
@@ -468,6 +493,8 @@ def measure(ft_loss: Callable, params: PyTree, ft_batch: Any, logits_fn: Optiona
             lambda p, b, k_: spectral.random_subspace_fisher(logprob_fn, p, b, sketch_dim, key=k_, mask=mask,
                                                              return_vectors=False)))(params, safety_batch, key)
         trace, trace_method, trace_se = rs.trace, "sketch", jnp.asarray(jnp.nan)
+    elif free_trace is not None:  # method="gram": tr F̂ from the same per-example gradients, exact
+        trace, trace_method, trace_se = free_trace, "exact", jnp.zeros_like(free_trace)
     else:
         trace, trace_method, trace_se = fisher_trace(
             params, fisher=fisher, logits_fn=logits_fn, inputs=safety_inputs, logprob_fn=logprob_fn,

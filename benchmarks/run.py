@@ -59,7 +59,8 @@ def table_rows(results):
             m = mem.get("lin_K1" if op == "linearized_hvp" else op)
             f = fl.get(op) if op != "linearized_hvp" else None
             rows.append((f"curvature/{mname}", f"{op} / grad (flops {_fmt(f)}x, peak mem {_fmt(m)}x)", rt[op],
-                         None if tgt is None else f"<= {tgt}", None if tgt is None else rt[op] <= tgt))
+                         None if tgt is None else f"<= {tgt}",
+                         None if (tgt is None or rt[op] is None) else rt[op] <= tgt))
     sp = results.get("spectral") or {}
     tg = sp.get("targets") or {}
     for key, label in (("lanczos", "Lanczos top-20 matvecs"), ("lanczos_gapped", "Lanczos top-20 matvecs (planted gap)")):

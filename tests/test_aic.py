@@ -251,7 +251,21 @@ def test_gram_method_empirical_fisher_matches_lanczos_and_dense():
     assert np.all(np.asarray(sub.residuals) < 1e-12)
     r_gram = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, method="gram", **kw)
     r_lz = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, tol=1e-12, **kw)
-    assert r_gram.method == "gram"
+    assert r_gram.method == "gram" and r_gram.trace_method == "exact" and r_gram.trace_stderr == 0.0
+    # tr F̂ comes from the same per-example gradients as the eigenpairs: ‖G‖²_F / m, exact
+    np.testing.assert_allclose(r_gram.trace, np.sum(G ** 2) / G.shape[0], rtol=1e-13)
+    # the energy rule with the gram trace picks the same d as with the dense spectrum
+    full = np.sort(np.linalg.eigvalsh(G.T @ G / G.shape[0]))[::-1]
+    d_dense = int(np.searchsorted(np.cumsum(full) / np.sum(full), 0.8) + 1)
+    sub_e = aic.sensitive_subspace(params, energy=0.8, k_max=6, method="gram", **kw)
+    assert sub_e.eigvals.shape[0] == d_dense
+    # masked block: eigenpairs and trace of F̂_SS
+    mask = {"w": True, "v": np.array([True, False, True, False, False, True, False, True])}
+    idx = np.nonzero(ravel_pytree({k: np.broadcast_to(mk, (8,)) for k, mk in mask.items()})[0])[0]
+    Gs = G[:, idx]
+    r_m = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 2, method="gram", mask=mask, **kw)
+    np.testing.assert_allclose(r_m.trace, np.sum(Gs ** 2) / G.shape[0], rtol=1e-13)
+    np.testing.assert_allclose(r_m.eigvals, np.sort(np.linalg.eigvalsh(Gs.T @ Gs / G.shape[0]))[::-1][:2], rtol=1e-12)
     for name in ("eigvals", "lam", "trace", "tail", "eps", "eps_F", "gamma_E", "gamma_F", "c3_F"):
         np.testing.assert_allclose(np.asarray(getattr(r_gram, name)), np.asarray(getattr(r_lz, name)), rtol=1e-9,
                                    atol=1e-12, err_msg=name)

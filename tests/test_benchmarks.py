@@ -19,8 +19,12 @@ def test_run_quick_writes_json(tmp_path):
     assert data["environment"]["jax"] == jax.__version__
     assert data["environment"]["cpu_count"] >= 1
     cur = data["curvature"]["mlp"]
-    for op in ("hvp", "linearized_hvp", "fisher_vp"):
+    for op in ("hvp", "linearized_hvp_setup", "fisher_vp"):
         assert math.isfinite(cur["ratio_to_grad"][op]) and cur["ratio_to_grad"][op] > 0
+    # one matvec of the reused linearisation is a difference of two timings: a positive cost, or None
+    # ("unresolved") when noise swamps the K - 1 extra matvecs -- never zero or negative
+    lin = cur["ratio_to_grad"]["linearized_hvp"]
+    assert lin is None or (math.isfinite(lin) and lin > 0)
     assert cur["dtype"] == ["float32"]  # the timed operators really run in float32
     sw = data["sweep"]
     # the vmapped (and, with several host devices, the sharded) sweep computes the same flows as the loop
@@ -31,6 +35,19 @@ def test_run_quick_writes_json(tmp_path):
     quantities = [r["quantity"] for r in data["table"]]
     assert any(q.startswith("hvp / grad") for q in quantities)
     assert res["seconds"]["total"] > 0
+
+
+def test_per_matvec_ratio():
+    from benchmarks.curvature import per_matvec_ratio
+
+    # t(K) = setup + K * matvec, grad = 2: one matvec = 0.5 grad whatever the setup cost
+    t1 = [1.0 + 1.0, 3.0 + 1.0, 2.0 + 1.0]
+    t5 = [1.0 + 5.0, 3.0 + 5.0, 2.0 + 5.0]
+    assert per_matvec_ratio(t1, t5, [2.0, 2.0, 2.0], 5) == pytest.approx(0.5, rel=1e-12)
+    # noise larger than the extra matvecs: unresolved, not a negative cost
+    assert per_matvec_ratio([3.0, 3.0], [2.5, 2.9], [1.0, 1.0], 3) is None
+    with pytest.raises(ValueError, match="K >= 2"):
+        per_matvec_ratio([1.0], [1.0], [1.0], 1)
 
 
 def test_mlp_model_size():

@@ -155,6 +155,37 @@ def test_gram_eigenpairs_empirical_fisher():
         sp.gram_eigenpairs(G, 9)
 
 
+@pytest.mark.parametrize("n", [10, 49, 50])
+def test_gram_product_blocked_equals_dense(n):
+    """G Gᵀ summed over column blocks (fori_loop; with and without a remainder block, and the plain dot
+    below two blocks) equals the dense product."""
+    G = np.random.default_rng(n).standard_normal((5, n))
+    np.testing.assert_allclose(np.asarray(sp._gram_product(jnp.asarray(G), block=7)), G @ G.T, rtol=1e-13,
+                               atol=1e-13)
+
+
+def test_gram_eigenpairs_wide_leaf_pytree_with_trace():
+    """A pytree with one leaf wide enough for the blocked Gram product (n_l = 20,009 > 2 blocks of 8,192, with a
+    remainder) and a small one: eigenpairs, residuals and tr F̂ against the dense m×n matrix."""
+    rng = np.random.default_rng(3)
+    m = 6
+    grads = {"big": rng.standard_normal((m, 11, 1819)), "small": rng.standard_normal((m, 3))}
+    A = np.concatenate([grads["big"].reshape(m, -1), grads["small"]], axis=1)
+    K = A @ A.T / m
+    w = np.sort(np.linalg.eigvalsh(K))[::-1]
+    lam, vecs, res, tr = sp._gram_eigenpairs_and_trace(jax.tree_util.tree_map(jnp.asarray, grads), 4, True)
+    np.testing.assert_allclose(np.asarray(lam), w[:4], rtol=1e-12)
+    np.testing.assert_allclose(float(tr), np.sum(A ** 2) / m, rtol=1e-13)
+    V = np.asarray(sp.as_matrix(vecs))
+    assert vecs["big"].shape == (4, 11, 1819) and vecs["small"].shape == (4, 3)
+    np.testing.assert_allclose(V @ V.T, np.eye(4), atol=1e-12)
+    # F̂ V = λ V without forming the n×n F̂
+    np.testing.assert_allclose((V @ A.T) @ A / m, np.asarray(lam)[:, None] * V, rtol=1e-10, atol=1e-12)
+    assert np.all(np.asarray(res) < 1e-12)
+    with pytest.raises(ValueError, match="leading axis"):
+        sp.gram_eigenpairs({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, 2)
+
+
 def test_traces_within_stated_error():
     like = _like()
     A = _wishart(60, 90, 8)
