@@ -18,6 +18,7 @@ Public names
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from typing import Any, Callable, Dict, NamedTuple, Optional
@@ -191,13 +192,7 @@ def _n_params(params, mask):
     return spectral._n_eff(params, mask)
 
 
-def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Optional[Callable] = None,
-                       inputs: Any = None, fisher: str = "true", logprob_fn: Optional[Callable] = None,
-                       safety_batch: Any = None, energy: Optional[float] = None, k_max: Optional[int] = None,
-                       total: Optional[float] = None, mask: Optional[PyTree] = None,
-                       key: Optional[jax.Array] = None, method: str = "lanczos", tol: Optional[float] = None,
-                       num_steps: Optional[int] = None, sketch_dim: int = 4096,
-                       trace_options: Optional[dict] = None) -> SensitiveSubspace:
+def sensitive_subspace(params: PyTree, d: Optional[int] = None, **options) -> SensitiveSubspace:
     """Definition 3.4: M = span of the top-d eigenvectors of the skill Fisher F(θ*).
 
     Args:
@@ -215,10 +210,7 @@ def sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Op
         from the m×m Gram matrix of the m per-example gradients (``spectral.gram_eigenpairs``; memory
         m·n, cost about one batched gradient + O(m²n); what alignment-risk's SVD computes).
     """
-    return _sensitive_subspace(
-        params, d, logits_fn=logits_fn, inputs=inputs, fisher=fisher, logprob_fn=logprob_fn,
-        safety_batch=safety_batch, energy=energy, k_max=k_max, total=total, mask=mask, key=key, method=method,
-        tol=tol, num_steps=num_steps, sketch_dim=sketch_dim, trace_options=trace_options)[0]
+    return _sensitive_subspace(params, d, **options)[0]
 
 
 def _sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: Optional[Callable] = None,
@@ -292,6 +284,11 @@ def _sensitive_subspace(params: PyTree, d: Optional[int] = None, *, logits_fn: O
                                    **(trace_options or {}))
     dd = spectral.dim_for_energy(lam, energy, total)
     return SensitiveSubspace(tree_map(lambda x: x[:dd], basis), lam[:dd], res[:dd]), free_trace
+
+
+# one signature for both: help(sensitive_subspace) shows every keyword of the implementation
+sensitive_subspace.__signature__ = inspect.signature(_sensitive_subspace).replace(
+    return_annotation=SensitiveSubspace)
 
 
 def empirical_fisher_trace(logprob_fn: Callable, params: PyTree, batch: Any, *, mask: Optional[PyTree] = None,

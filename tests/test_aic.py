@@ -235,6 +235,19 @@ def test_empirical_fisher_trace_exact_against_dense(chunk_examples):
         aic.fisher_trace(params, fisher="empirical")
 
 
+def test_sensitive_subspace_signature_lists_every_option():
+    """The public wrapper shows the implementation's full keyword signature and rejects unknown options."""
+    import inspect
+
+    params = _land(0.25)[0]
+    sig = inspect.signature(aic.sensitive_subspace)
+    assert list(sig.parameters) == list(inspect.signature(aic._sensitive_subspace).parameters)
+    assert {"fisher", "energy", "method", "mask", "trace_options"} <= set(sig.parameters)
+    assert sig.return_annotation is aic.SensitiveSubspace
+    with pytest.raises(TypeError, match="bogus"):
+        aic.sensitive_subspace(params, 1, bogus=1)
+
+
 def test_gram_method_empirical_fisher_matches_lanczos_and_dense():
     """method="gram" (exact eigenpairs of F̂ from the m×m Gram matrix) agrees with the dense F̂ and with
     Lanczos, in the subspace and in every measured quantity."""
