@@ -1,43 +1,43 @@
 # Two commands do everything on a fresh clone (only python3 >= 3.10 and make needed):
-#   make figures   regenerate the figures into figures/ (the main job)
-#   make lm        only the Section-7 transformer part of it (figures 10-11, Table-1 analogue)
-#   make test      run the test suite (what .ci/run runs)
+#   make figures   regenerate every figure and the Table-1 analogue into figures/ (the main job)
+#   make test      lint, then the test suite (what .ci/run runs)
+# Others: make lm (the Section-7 study alone), make benchmarks (the performance suite).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
-RUN := PYTHONPATH=$(CURDIR) $(BIN)/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: figures lm test benchmarks venv clean
+.PHONY: figures lm test lint benchmarks venv clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned requirements, then the package itself, editable (console scripts alignment-geom-run and
+# alignment-geom-figures; `python -m experiments.run` works from the repository root).
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The main job: the nine scaling-law figures (~1 min), then the Section-7 transformer reproduction
-# (figures 10-11 and the Table-1 analogue, ~4 min), both on 2 CPU cores. Exit status 1 if either fails.
+# The main job: the nine scaling-law figures, then the Section-7 transformer study (figures 10-11, Table 1),
+# one loop over the study registry. Exit status 1 if any study fails or disagrees with its expected number.
 figures: $(STAMP)
-	@status=0; \
-	$(RUN) -m experiments.figures --outdir=figures || status=$$?; \
-	$(MAKE) --no-print-directory lm || status=$$?; \
-	exit $$status
+	$(BIN)/python -m experiments.figures --outdir=figures
 
-# Section 7 on a small transformer alone (figures 10-11, the Table-1 analogue): ~4 min on 2 CPU cores.
+# Section 7 on a small transformer alone (figures 10-11, the Table-1 analogue).
 lm: $(STAMP)
-	$(RUN) -m experiments.run --config=configs/lm_table1.py --workdir=figures/lm_table1 --overwrite
-	cp figures/lm_table1/fig10_fisher_spectrum.png figures/lm_table1/fig11_table1.png \
-	   figures/lm_table1/table1.md figures/lm_table1/table1.csv figures/
+	$(BIN)/python -m experiments.figures --outdir=figures --only=lm_table1
 
-test: $(STAMP)
-	$(RUN) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=600 --durations=25 $(PYTEST_ARGS) tests
 
 benchmarks: $(STAMP)
-	$(RUN) -m benchmarks.run
+	$(BIN)/python -m benchmarks.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache *.egg-info

@@ -1,9 +1,10 @@
-"""Synthetic landscapes where the AIC parameters (d, λ, γ, ε, t₀, …) are set exactly (issue 4).
+"""Synthetic landscapes where the AIC parameters (d, λ, γ, ε, t₀, …) are set exactly.
 
 API summary
     make_landscape(*, n=64, d=4, lam=1.0, gamma=1.0, eps=0.0, tail=0.0, third_order=0.0,
                    policy_curvature=0.0, dtype=jnp.float64, key=None, ...) -> Landscape
-    Landscape(params, loss_fn, batch, logits_fn, inputs, basis, fisher_eigvals, info, minibatch_fn)
+    Landscape(problem, basis, fisher_eigvals, info, minibatch_fn); ls.params, ls.loss_fn, ls.batch,
+        ls.logits_fn, ls.inputs are the fields of ls.problem
     landscape_loss(params, batch), landscape_logits(params, inputs)   the shared (module-level) functions
     stack_landscapes([ls, ...]) -> Landscape with a leading grid axis on params/batch/inputs/basis/...
     landscape_grid(*, lam=[...], gamma=[...], ..., **fixed) -> Landscape over the Cartesian product
@@ -57,6 +58,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alignment_geom.aic.subspace import SensitiveSubspace
+from alignment_geom.problem import Problem
+
 __all__ = [
     "Landscape",
     "make_landscape",
@@ -69,20 +73,44 @@ __all__ = [
 
 
 class Landscape(NamedTuple):
-    """A synthetic problem. ``params`` = θ* ({"theta": (n,)}); ``basis`` = {"theta": (d, n)} the exact
-    top-d Fisher eigenvectors (orthonormal rows); ``fisher_eigvals`` (d + n_tail,) the nonzero Fisher
-    eigenvalues (top-d first); ``info`` a dict of the configured and derived values (floats, or
-    arrays over the grid for a stacked landscape)."""
+    """A synthetic problem. ``problem`` the :class:`~alignment_geom.problem.Problem` (θ* = {"theta": (n,)},
+    L, its batch, the policy logits and their inputs); ``basis`` = {"theta": (d, n)} the exact top-d Fisher
+    eigenvectors (orthonormal rows); ``fisher_eigvals`` (d + n_tail,) the nonzero Fisher eigenvalues (top-d
+    first); ``info`` a dict of the configured and derived values (floats, or arrays over the grid for a
+    stacked landscape); ``minibatch_fn(key, batch, batch_size)`` the SGD sampler."""
 
-    params: Any
-    loss_fn: Callable
-    batch: Any
-    logits_fn: Callable
-    inputs: Any
+    problem: Problem
     basis: Any
     fisher_eigvals: Any
     info: dict
     minibatch_fn: Callable
+
+    @property
+    def params(self):
+        return self.problem.params
+
+    @property
+    def loss_fn(self):
+        return self.problem.loss_fn
+
+    @property
+    def batch(self):
+        return self.problem.batch
+
+    @property
+    def logits_fn(self):
+        return self.problem.logits_fn
+
+    @property
+    def inputs(self):
+        return self.problem.inputs
+
+    @property
+    def subspace(self) -> SensitiveSubspace:
+        """The exact top-d sensitive subspace (basis and its eigenvalues λ_1..λ_d; residuals 0)."""
+        d = jax.tree_util.tree_leaves(self.basis)[0].shape[-2]
+        lam = self.fisher_eigvals[..., :d]
+        return SensitiveSubspace(self.basis, lam, jnp.zeros_like(lam))
 
 
 def _latent(theta, theta0, v):
@@ -288,8 +316,9 @@ def make_landscape(*, n: int = 64, d: int = 4, lam: float = 1.0, gamma: float = 
         t0_taylor=(0.1 * a4 / abs(a5)) if a5 != 0 else float("inf"),
         c3_F=c3_F, t0=(gamma_F / (4 * c3_F)) if c3_F > 0 else float("inf"),
     )
-    return Landscape(params, landscape_loss, batch, landscape_logits, inputs, {"theta": cast(basis)},
-                     cast(fisher_eigvals), info, landscape_minibatch)
+    problem = Problem(params, loss_fn=landscape_loss, batch=batch, logits_fn=landscape_logits, inputs=inputs,
+                      name="landscape")
+    return Landscape(problem, {"theta": cast(basis)}, cast(fisher_eigvals), info, landscape_minibatch)
 
 
 def stack_landscapes(landscapes) -> Landscape:
@@ -310,11 +339,10 @@ def stack_landscapes(landscapes) -> Landscape:
             raise ValueError("all landscapes must share n, d, n_tail and n_examples to be stacked")
     stack = lambda *xs: jnp.stack(xs)  # noqa: E731
     fields = {}
-    for name in ("params", "batch", "inputs", "basis", "fisher_eigvals"):
+    for name in ("problem", "basis", "fisher_eigvals"):
         fields[name] = jax.tree_util.tree_map(stack, *[getattr(ls, name) for ls in landscapes])
     info = {k: np.stack([np.asarray(ls.info[k]) for ls in landscapes]) for k in landscapes[0].info}
-    return Landscape(fields["params"], landscape_loss, fields["batch"], landscape_logits, fields["inputs"],
-                     fields["basis"], fields["fisher_eigvals"], info, landscape_minibatch)
+    return Landscape(fields["problem"], fields["basis"], fields["fisher_eigvals"], info, landscape_minibatch)
 
 
 _GRID_KNOBS = ("lam", "gamma", "eps", "tail", "third_order", "policy_curvature", "grad_norm",

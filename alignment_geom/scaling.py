@@ -2,8 +2,8 @@
 
 API summary
     local_slope(ts, y) -> (T,) d log y / d log t
-    onset_window(ts, y, target=4.0, tol=0.1) -> (t_lo, t_hi)   (NaN, NaN) if none
-    fit_coefficient(ts, y, window, power=4, method="intercept") -> float  y/t^power in the window
+    onset_window(ts, y, target=4.0, tol=0.1, *, indices=False) -> (t_lo, t_hi)   (NaN, NaN) if none
+    fit_coefficient(ts, y, window, power=4, method="intercept"|"series"|"mean") -> float   c of y ≈ c t^power
     collapse_time(ts, y, threshold) -> float   t* with y(t*) = threshold (log–log interpolation)
     power_law_fit(x, y, level=0.95) -> dict(exponent, exponent_ci, prefactor, prefactor_ci, r2, n)
     predicted_window(coeffs, target=4, tol=0.1) -> (t_lo, t_hi)   from Taylor coefficients a_k
@@ -53,12 +53,13 @@ def local_slope(ts, y) -> np.ndarray:
     return out
 
 
-def onset_window(ts, y, target: float = 4.0, tol: float = 0.1):
+def onset_window(ts, y, target: float = 4.0, tol: float = 0.1, *, indices: bool = False):
     """The longest run of consecutive grid points where |local_slope − target| ≤ tol.
 
     Returns (t_lo, t_hi), the first and last times of that run (ties: the earliest run), or
-    (NaN, NaN) when no point qualifies. The window is a union of grid points: its ends are resolved
-    to the grid spacing.
+    (NaN, NaN) when no point qualifies; with ``indices=True`` the grid indices (i_lo, i_hi) of those
+    points instead, or None. The window is a union of grid points: its ends are resolved to the grid
+    spacing.
     """
     ts, y = _as_curve(ts, y)
     s = local_slope(ts, y)
@@ -74,6 +75,8 @@ def onset_window(ts, y, target: float = 4.0, tol: float = 0.1):
             i = j + 1
         else:
             i += 1
+    if indices:
+        return None if best is None else (int(best[0]), int(best[1]))
     if best is None:
         return (float("nan"), float("nan"))
     return (float(ts[best[0]]), float(ts[best[1]]))
@@ -85,8 +88,13 @@ def fit_coefficient(ts, y, window, power: float = 4, method: str = "intercept") 
     method="intercept" (default): least squares of log(y/t^p) = log c + β t over the window, i.e.
       y = c t^p (1 + β t + O(t²)), the form of a Taylor series Σ a_k t^k starting at k = p; returns
       exp(log c), the t → 0 limit (unbiased by the t^{p+1} term that bends the end of the window).
+    method="series": weighted least squares of y/t^p = Σ_{j=−2}^{2} b_j (t/t_c)^j (t_c the window's
+      geometric centre, weights 1/|y/t^p|: relative residuals); returns b_0. The t^{p−2}, t^{p−1}
+      (ε-driven) and t^{p+1}, t^{p+2} (cubic-remainder) corrections are fitted along, so c is the t^p
+      coefficient rather than a window average biased by them. Needs ≥ 8 points.
     method="mean": the geometric mean of y/t^p over the window (biased by the t^{p+1} term).
-    Raises ValueError if the window is NaN or holds < 2 (intercept) / < 1 (mean) valid points.
+    Raises ValueError if the window is NaN or holds < 2 (intercept) / < 8 (series) / < 1 (mean) valid
+    points.
     """
     ts, y = _as_curve(ts, y)
     lo, hi = window
@@ -98,13 +106,23 @@ def fit_coefficient(ts, y, window, power: float = 4, method: str = "intercept") 
         if r.size < 1:
             raise ValueError("no valid points in the window")
         return float(np.exp(np.mean(r)))
+    if method == "series":
+        if r.size < 8:
+            raise ValueError(f"the series fit needs at least 8 valid points in the window; got {r.size}")
+        t = ts[sel]
+        q = y[sel] / t ** power
+        x = t / np.sqrt(t[0] * t[-1])
+        A = np.stack([x ** j for j in (-2, -1, 0, 1, 2)], axis=1)
+        w = 1.0 / np.abs(q)
+        coef, *_ = np.linalg.lstsq(A * w[:, None], q * w, rcond=None)
+        return float(coef[2])
     if method == "intercept":
         if r.size < 2:
             raise ValueError("the intercept fit needs at least 2 valid points in the window")
         A = np.stack([np.ones(r.size), ts[sel]], axis=1)
         coef, *_ = np.linalg.lstsq(A, r, rcond=None)
         return float(np.exp(coef[0]))
-    raise ValueError(f"method must be 'intercept' or 'mean'; got {method!r}")
+    raise ValueError(f"method must be 'intercept', 'series' or 'mean'; got {method!r}")
 
 
 def collapse_time(ts, y, threshold: float) -> float:

@@ -1,10 +1,10 @@
-"""Test utilities in one place (as optax/chex do): tree assertions, a compile counter,
-and a zoo of tiny models (n ≤ 500 parameters) with dense float64 oracles in mind.
+"""Test utilities in one place (as optax/chex do): tree assertions, a compile counter, and a zoo of tiny models
+(n ≤ 500 parameters) for dense float64 oracles.
 
-Every tiny model is a :class:`TinyModel` with
+Every tiny model is a :class:`~alignment_geom.problem.Problem` (``name`` set) with
   params                    the parameter pytree θ*,
   loss_fn(params, batch)    the fine-tuning loss L (scalar),
-  batch                     its data,
+  batch                     its data (also the ``safety_batch`` of logprob_fn),
   logits_fn(params, inputs) policy logits z, shape (..., C),
   inputs                    the safety-skill inputs for logits_fn,
   logprob_fn(params, batch) per-example log π(y|x), shape (m,).
@@ -12,12 +12,14 @@ Every tiny model is a :class:`TinyModel` with
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
+from alignment_geom.problem import Problem
 
 # --------------------------------------------------------------------------- assertions
 
@@ -38,8 +40,6 @@ def assert_trees_all_close(actual, desired, *, rtol=1e-10, atol=0.0, err_msg="")
 
 def relative_error(actual, desired) -> float:
     """‖a − d‖ / max(‖d‖, tiny) over the ravelled pytrees, in float64 numpy."""
-    from jax.flatten_util import ravel_pytree
-
     a = np.asarray(ravel_pytree(actual)[0], np.float64)
     d = np.asarray(ravel_pytree(desired)[0], np.float64)
     return float(np.linalg.norm(a - d) / max(np.linalg.norm(d), 1e-300))
@@ -68,14 +68,10 @@ class CompileCounter:
 # --------------------------------------------------------------------------- tiny models
 
 
-class TinyModel(NamedTuple):
-    name: str
-    params: Any
-    loss_fn: Callable
-    batch: Any
-    logits_fn: Callable
-    inputs: Any
-    logprob_fn: Callable
+def _zoo(name, params, loss_fn, batch, logits_fn, inputs, logprob_fn) -> Problem:
+    """A zoo model as a Problem whose safety batch is its fine-tuning batch."""
+    return Problem(params, loss_fn=loss_fn, batch=batch, logits_fn=logits_fn, inputs=inputs, logprob_fn=logprob_fn,
+                   safety_batch=batch, name=name)
 
 
 def ce_logprob(logits, y):
@@ -83,7 +79,7 @@ def ce_logprob(logits, y):
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), y[..., None], axis=-1)[..., 0]
 
 
-def linear_model(key, n_in=5, n_out=3, m=8, dtype=jnp.float64) -> TinyModel:
+def linear_model(key, n_in=5, n_out=3, m=8, dtype=jnp.float64) -> Problem:
     """z = x W + b; L = mean ½‖z − y‖² (quadratic: third derivatives vanish)."""
     k1, k2, k3, k4, k5 = jax.random.split(key, 5)
     params = {"W": jax.random.normal(k1, (n_in, n_out), dtype) / np.sqrt(n_in),
@@ -104,10 +100,10 @@ def linear_model(key, n_in=5, n_out=3, m=8, dtype=jnp.float64) -> TinyModel:
         return ce_logprob(logits_fn(p, batch["x"]), batch["cls"])
 
     batch = {"x": x, "y": y, "cls": cls}
-    return TinyModel("linear", params, loss_fn, batch, logits_fn, x, logprob_fn)
+    return _zoo("linear", params, loss_fn, batch, logits_fn, x, logprob_fn)
 
 
-def mlp_model(key, n_in=4, hidden=8, n_out=3, m=10, dtype=jnp.float64) -> TinyModel:
+def mlp_model(key, n_in=4, hidden=8, n_out=3, m=10, dtype=jnp.float64) -> Problem:
     """Two-layer tanh MLP with softmax cross-entropy."""
     ks = jax.random.split(key, 7)
     params = {"l1": {"W": jax.random.normal(ks[0], (n_in, hidden), dtype) / np.sqrt(n_in),
@@ -128,10 +124,10 @@ def mlp_model(key, n_in=4, hidden=8, n_out=3, m=10, dtype=jnp.float64) -> TinyMo
     def logprob_fn(p, batch):
         return ce_logprob(logits_fn(p, batch["x"]), batch["y"])
 
-    return TinyModel("mlp", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
+    return _zoo("mlp", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
 
 
-def softmax_regression_model(key, n_in=6, n_out=4, m=12, dtype=jnp.float64) -> TinyModel:
+def softmax_regression_model(key, n_in=6, n_out=4, m=12, dtype=jnp.float64) -> Problem:
     """Multinomial logistic regression z = x W + b with cross-entropy."""
     ks = jax.random.split(key, 5)
     params = {"W": jax.random.normal(ks[0], (n_in, n_out), dtype) / np.sqrt(n_in),
@@ -149,10 +145,10 @@ def softmax_regression_model(key, n_in=6, n_out=4, m=12, dtype=jnp.float64) -> T
     def logprob_fn(p, batch):
         return ce_logprob(logits_fn(p, batch["x"]), batch["y"])
 
-    return TinyModel("softmax_regression", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
+    return _zoo("softmax_regression", params, loss_fn, {"x": x, "y": y}, logits_fn, xs, logprob_fn)
 
 
-def attention_model(key, vocab=5, d=4, T=4, m=3, dtype=jnp.float64) -> TinyModel:
+def attention_model(key, vocab=5, d=4, T=4, m=3, dtype=jnp.float64) -> Problem:
     """One causal single-head attention block (+ residual, tanh MLP-free readout) over
     token sequences; logits (m, T, vocab) for next-token prediction."""
     ks = jax.random.split(key, 8)
@@ -184,7 +180,7 @@ def attention_model(key, vocab=5, d=4, T=4, m=3, dtype=jnp.float64) -> TinyModel
         toks = batch["tokens"]
         return -jnp.mean(ce_logprob(logits_fn(p, toks[:, :-1]), toks[:, 1:]))
 
-    return TinyModel("attention", params, loss_fn, {"tokens": tokens}, logits_fn, safety_tokens, logprob_fn)
+    return _zoo("attention", params, loss_fn, {"tokens": tokens}, logits_fn, safety_tokens, logprob_fn)
 
 
 MODEL_ZOO = {
@@ -206,8 +202,6 @@ def tiny_models(seed=0, dtype=jnp.float64):
 
 def dense_hessian(loss_fn, params, batch):
     """(H, ravel, unravel): the dense n×n Hessian of L on ravelled parameters."""
-    from jax.flatten_util import ravel_pytree
-
     flat, unravel = ravel_pytree(params)
     H = jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), batch)))(flat)
     return H, flat, unravel
@@ -215,16 +209,12 @@ def dense_hessian(loss_fn, params, batch):
 
 def dense_third(loss_fn, params, batch):
     """The dense n×n×n third-derivative tensor D³L on ravelled parameters."""
-    from jax.flatten_util import ravel_pytree
-
     flat, unravel = ravel_pytree(params)
     return jax.jit(jax.jacfwd(jax.hessian(lambda f: loss_fn(unravel(f), batch))))(flat)
 
 
 def dense_fisher(logits_fn, params, inputs):
     """The dense true Fisher F = mean over leading axes of Jᵀ(diag p − ppᵀ)J."""
-    from jax.flatten_util import ravel_pytree
-
     flat, unravel = ravel_pytree(params)
     z = logits_fn(params, inputs)
     C = z.shape[-1]

@@ -1,4 +1,4 @@
-"""Issue 2/7 §1: each curvature operator's cost divided by one jitted gradient on the same batch.
+"""Curvature operators: each operator's cost divided by one jitted gradient on the same batch.
 
 For each benchmark model (benchmarks/models.py: the ~1M-parameter tanh MLP, batch 512, and the small
 causal transformer) it compiles, then times round-robin in one run:
@@ -34,8 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import (bench_args, compile_fn, environment, median, memory_bytes, paired_ratio, time_interleaved,
-                        write_json)
+from benchmarks import (
+    bench_args,
+    compile_fn,
+    environment,
+    median,
+    memory_bytes,
+    paired_ratio,
+    time_interleaved,
+    write_json,
+)
 from benchmarks.models import get_model, n_params
 
 TARGETS = {"hvp": 2.0, "linearized_hvp": 1.8, "fisher_vp": 2.0, "third_order": 5.0}
@@ -197,7 +205,8 @@ def main(argv=None, quick: bool = False, log=print):
     for name in args.models.split(","):
         model = get_model(name, quick=quick)
         out[name] = bench_model(model, reps=reps, max_seconds=5.0 if quick else 150.0,
-                                k_matvec=QUICK_K_MATVEC if quick else K_MATVEC, log=log, ops=QUICK_OPS if quick else None)
+                                k_matvec=QUICK_K_MATVEC if quick else K_MATVEC, log=log,
+                                ops=QUICK_OPS if quick else None)
     write_json(args.json, {"environment": environment(), "curvature": out})
     return out
 

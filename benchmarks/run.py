@@ -63,7 +63,8 @@ def table_rows(results):
                          None if (tgt is None or rt[op] is None) else rt[op] <= tgt))
     sp = results.get("spectral") or {}
     tg = sp.get("targets") or {}
-    for key, label in (("lanczos", "Lanczos top-20 matvecs"), ("lanczos_gapped", "Lanczos top-20 matvecs (planted gap)")):
+    for key, label in (("lanczos", "Lanczos top-20 matvecs"),
+                       ("lanczos_gapped", "Lanczos top-20 matvecs (planted gap)")):
         lz = sp.get(key)
         if isinstance(lz, dict) and "num_matvecs" in lz:
             tgt = tg.get("lanczos_matvecs_top20", 60)
@@ -95,7 +96,8 @@ def table_rows(results):
             rf = r.get("roofline")
             if rf:
                 rows.append((f"torch/{r['model']}", "jax hvp / torch hvp, fraction of GEMM peak",
-                             f"{rf['jax_hvp_fraction_of_peak']:.2f} / {rf['torch_hvp_fraction_of_peak']:.2f}", None, None))
+                             f"{rf['jax_hvp_fraction_of_peak']:.2f} / {rf['torch_hvp_fraction_of_peak']:.2f}",
+                             None, None))
                 rows.append((f"torch/{r['model']}", "largest possible speedup over torch HVP (HVP at GEMM peak)",
                              rf["max_attainable_speedup_over_torch"], None, None))
     ar = tp.get("aic_vs_alignment_risk") or {}

@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: top-20 Fisher eigenpairs of the ~1M-parameter MLP, and ``aic.measure`` end to end.
+"""Eigensolvers: top-20 Fisher eigenpairs of the ~1M-parameter MLP, and ``aic.measure`` end to end.
 
 On ``benchmarks.models.mlp_model`` (tanh MLP 512 → 1024 → 512 → 10, 1,055,242 parameters; the Fisher
 of softmax(z) on its m = 512 inputs), in float64:
@@ -59,7 +59,7 @@ def main(argv=None):
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    from alignment_geom import aic, curvature, spectral
+    from alignment_geom import aic, curvature, linalg
     from benchmarks import environment
     from benchmarks.models import get_model, n_params
 
@@ -75,7 +75,7 @@ def main(argv=None):
     # ---------------------------------------------------------------- matvecs to convergence
     def lanczos_tol(p, kk):
         mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
-        return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
+        return linalg.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
                                        return_info=True)
 
     t0 = time.perf_counter()
@@ -104,7 +104,7 @@ def main(argv=None):
             x = jax.flatten_util.ravel_pytree(v)[0]
             return jax.tree_util.tree_map(jnp.add, mv0(v), unravel(U.T @ (spikes * (U @ x))))
 
-        return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
+        return linalg.top_eigenpairs(mv, p, k, key=kk, num_steps=min(args.max_steps, n), tol=args.tol,
                                        return_info=True)
 
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def main(argv=None):
         for method, kw in (("lobpcg", dict(max_iters=60)), ("randomized", dict(max_iters=30, oversample=10))):
             def solve(p, kk, method=method, kw=kw):
                 mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
-                return spectral.top_eigenpairs(mv, p, k, key=kk, method=method, tol=args.tol, return_info=True, **kw)
+                return linalg.top_eigenpairs(mv, p, k, key=kk, method=method, tol=args.tol, return_info=True, **kw)
 
             t0 = time.perf_counter()
             lam2, _, res2, info2 = jax.block_until_ready(jax.jit(solve)(params, key))
@@ -136,7 +136,7 @@ def main(argv=None):
     def lanczos_fixed(steps):
         def f(p, kk):
             mv = curvature.linearized_fisher_vp(model.logits_fn, p, inputs)
-            return spectral.top_eigenpairs(mv, p, k, key=kk, num_steps=steps)
+            return linalg.top_eigenpairs(mv, p, k, key=kk, num_steps=steps)
 
         return f
 

@@ -1,15 +1,15 @@
-"""Issue 7 §3: sweep throughput, a λ × γ grid of gradient flows vmapped vs the same configs in a Python loop.
+"""Sweep throughput, a λ × γ grid of gradient flows vmapped vs the same configs in a Python loop.
 
 The grid is ``alignment_geom.landscapes.landscape_grid(lam=[16 values], gamma=[16 values], ...)``
 (256 synthetic landscapes with exact AIC parameters, n = 64 by default) and each flow is
-``alignment_geom.flow.gradient_flow(loss, θ*, batch, ts, method="rk4", steps=S)`` (θ̇ = −∇L(θ),
+``alignment_geom.dynamics.gradient_flow(loss, θ*, batch, ts, method="rk4", steps=S)`` (θ̇ = −∇L(θ),
 fixed-step RK4 in lax.scan/fori_loop). Two ways to run the whole grid:
 
     vmapped  one jitted ``jax.vmap`` of the flow over the stacked landscapes (one dispatch);
     loop     a Python loop over the 256 configurations calling the (cached, jitted) flow once each.
 
     sharded  the same jitted vmap with the grid placed ``NamedSharding(Mesh(devices, ('grid',)),
-             P('grid'))`` over every device (what ``runner.sharded_vmap`` does for the figure sweeps).
+             P('grid'))`` over every device (what ``harness.sharded_vmap`` does for the figure sweeps).
 
 All produce the same paths (checked); t_loop / t_vmap is the speedup (target ≥ 10×). A CPU host
 is one XLA device, and a loop of small flows can use only one core, so on CPU ``run_subprocess``
@@ -48,7 +48,7 @@ def bench_sweep(quick: bool = False, reps: int = 5, n_times: int = 32, steps: in
     import jax
     import jax.numpy as jnp
 
-    from alignment_geom.flow import gradient_flow
+    from alignment_geom.dynamics import gradient_flow
 
     g = 4 if quick else 16
     grid = make_grid(g, g, n=16 if quick else 64, d=2 if quick else 4, dtype=dtype)
@@ -135,7 +135,8 @@ def run_subprocess(host_devices: int = 0, quick: bool = False, reps: int = 5, lo
 
 def main(argv=None, quick: bool = False, log=print):
     args = bench_args(__doc__, argv, reps=5, extra=[("--host-devices", dict(
-        type=int, default=1, help="CPU: measure in a child process with this many XLA host devices (0 = one per core)"))])
+        type=int, default=1,
+        help="CPU: measure in a child process with this many XLA host devices (0 = one per core)"))])
     import jax
 
     if args.host_devices != 1 and jax.default_backend() == "cpu" and jax.device_count() == 1:

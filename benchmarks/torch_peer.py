@@ -1,4 +1,4 @@
-"""Issue 7 §4: the same models and data in PyTorch (CPU), against alignment_geom.
+"""The PyTorch peer: the same models and data in PyTorch (CPU), against alignment_geom.
 
 Two comparisons, both on the exact weights and data of benchmarks/models.py:
 
@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, write_json
 from alignment_geom._tree import tree_dot
+from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, write_json
 from benchmarks.curvature import _flops
 
 AGREE_TOL = 1e-5

@@ -7,7 +7,7 @@ so a killed run resumes when the same command is run again):
 Smoke (≈15 s): --config=configs/collapse_time.py:smoke.   GPU/TPU: :large (or --config.scale=4).
 Fields: lams, gammas (the grid axes), threshold (Δu level defining t*), eps, tail, n, d, t-grid, chunk_size.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=48, lams=(1.0, 4.0, 16.0), gammas=(0.15, 0.3, 0.6)),
@@ -18,7 +18,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config(
+    c = common.landscape_config(
         "collapse_time",
         drop=("lam", "gamma"),
         lams=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
@@ -28,4 +28,4 @@ def get_config(arg=None):
         t_max=2.0,
         chunk_size=16,
     )
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

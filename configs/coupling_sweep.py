@@ -7,18 +7,18 @@ Smoke (≈15 s): --config=configs/coupling_sweep.py:smoke.   GPU/TPU: :large (or
 Fields: gammas (the γ_E sweep), lam (fixed λ), eps, tail, n, d, t-grid (t_min, t_max, num_t or ts),
 chunk_size (grid points per checkpointed chunk), scale (× t-grid resolution).
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=40, gammas=(0.1, 0.2, 0.4, 0.8)),
     "default": dict(),
-    "large": dict(n=256, d=8, num_t=160, gammas=tuple(float(x) for x in (0.1, 0.13, 0.17, 0.22, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0)),
-                  scale=2.0),
+    "large": dict(n=256, d=8, num_t=160, scale=2.0,
+                  gammas=tuple(float(x) for x in (0.1, 0.13, 0.17, 0.22, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0))),
 }
 
 
 def get_config(arg=None):
-    c = runner.landscape_config(
+    c = common.landscape_config(
         "coupling_sweep",
         drop=("gamma",),
         gammas=(0.1, 0.15, 0.2, 0.3, 0.4, 0.55, 0.75, 1.0),
@@ -27,4 +27,4 @@ def get_config(arg=None):
         num_t=64,
         chunk_size=8,
     )
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

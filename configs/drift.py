@@ -7,7 +7,7 @@ Run (default, ≈15 s on 2 CPU cores, float64):
 Smoke (≈8 s): --config=configs/drift.py:smoke.   GPU/TPU: :large (or --config.scale=4).
 Fields: lam, gamma, eps (ε = ‖P g‖), tail, n, d, t_min/t_max/num_t (or ts), substeps, scale.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=48),
@@ -17,5 +17,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config("drift")
-    return runner.apply_config_arg(c, arg, PRESETS)
+    c = common.landscape_config("drift")
+    return common.apply_config_arg(c, arg, PRESETS)

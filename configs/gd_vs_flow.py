@@ -10,7 +10,7 @@ Smoke (≈15 s): --config=configs/gd_vs_flow.py:smoke.   GPU/TPU: :large.
 Fields: lrs (GD step sizes), sgd_lr, batch_size, n_examples, grad_noise (per-example gradient noise σ), adam_lr,
 lam, gamma, eps, tail, n, d, t-grid, substeps, scale.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=32, lrs=(0.1, 0.003)),
@@ -20,7 +20,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config(
+    c = common.landscape_config(
         "gd_vs_flow",
         eps=1e-4,
         t_min=3e-3,
@@ -33,4 +33,4 @@ def get_config(arg=None):
         grad_noise=0.3,
         adam_lr=0.01,
     )
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

@@ -1,8 +1,7 @@
 """Figures 10–11 and the Table-1 analogue: a small transformer LM trained here on a synthetic instruction
 language, aligned to refuse harmful requests, fine-tuned on benign tasks (full FT 1 epoch, LoRA 3 epochs).
 
-Run (default; float32 training, float64 curvature; ≈ 22 min measured on 2 heavily shared CPU cores before
-the defaults were cut to k_subspace=1024, d_exact=32, n_aic=64, gd_steps=100 — re-measure on an idle machine):
+Run (default; float32 training, float64 curvature; ≈ 4 min on 2 CPU cores):
     python -m experiments.run --config=configs/lm_table1.py --workdir=runs/lm_table1
 Smoke scale (≲ 1 min, used by the tests):  --config=configs/lm_table1.py:smoke
 GPU/TPU scale:                             --config=configs/lm_table1.py:full   (alias: large)
@@ -17,7 +16,7 @@ aic_energy_min, aic_orth_max), intruder dimensions (top_k, threshold).
 """
 import ml_collections
 
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(width=32, layers=1, heads=2, mlp_ratio=2, n_pretrain=300, n_align=100, epochs_pretrain=8,
@@ -27,7 +26,8 @@ PRESETS = {
                   du_points=2, intruder_top_k=4),
     "default": dict(),
     "full": dict(width=128, layers=4, heads=8, n_pretrain=8000, n_align=800, n_ft=4000, n_eval=512, n_safety=100,
-                 d=32, d_exact=128, k_subspace=4096, k_list=(256, 1024), n_aic=512, gd_steps=400, n_pool=4000, n_top=100),
+                 d=32, d_exact=128, k_subspace=4096, k_list=(256, 1024), n_aic=512, gd_steps=400, n_pool=4000,
+                 n_top=100),
 }
 PRESETS["large"] = PRESETS["full"]
 
@@ -66,4 +66,4 @@ def get_config(arg=None):
     c.onset_task = "alpaca_top100"
     # LoRA intruder dimensions
     c.intruder_top_k, c.intruder_threshold = 10, 0.5
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

@@ -8,7 +8,7 @@ Run (default, ≈15 s on 2 CPU cores, float64):
 Smoke (≈8 s): --config=configs/orthogonality_illusion.py:smoke.   GPU/TPU: :large (or --config.scale=4).
 Fields: lam, gamma, eps, tail, n, d, t-grid (t_min, t_max, num_t or ts), substeps, min_ratio, scale.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=48),
@@ -18,5 +18,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config("orthogonality_illusion", min_ratio=100.0)
-    return runner.apply_config_arg(c, arg, PRESETS)
+    c = common.landscape_config("orthogonality_illusion", min_ratio=100.0)
+    return common.apply_config_arg(c, arg, PRESETS)

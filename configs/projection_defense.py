@@ -11,7 +11,7 @@ Fields: lam, gamma, eps, tail, tail_coupling (H coupling of the task direction i
 top-d projection removes), policy_curvature (κ: how strongly the policy is curved / the subspace rotates),
 n, d, t-grid, substeps, static_min_ratio, dynamic_max_ratio, scale.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=40),
@@ -21,7 +21,7 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config(
+    c = common.landscape_config(
         "projection_defense",
         eps=1e-4,
         policy_curvature=0.3,
@@ -32,4 +32,4 @@ def get_config(arg=None):
         static_min_ratio=0.1,
         dynamic_max_ratio=1e-2,
     )
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

@@ -13,7 +13,7 @@ Smoke scale (≈10 s):  --config=configs/quartic_onset.py:smoke
 Fields: lam (λ, sharpness), gamma (γ_E = ‖P H g‖, coupling), eps (ε: ‖P g‖ and the Fisher tail), n, d (dims),
 t_min/t_max/num_t (log-spaced t-grid; or an explicit increasing ``ts``), scale (× grid resolution, for GPU/TPU).
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=48),
@@ -23,5 +23,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config("quartic_onset")
-    return runner.apply_config_arg(c, arg, PRESETS)
+    c = common.landscape_config("quartic_onset")
+    return common.apply_config_arg(c, arg, PRESETS)

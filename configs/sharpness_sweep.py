@@ -7,18 +7,18 @@ Smoke (≈15 s): --config=configs/sharpness_sweep.py:smoke.   GPU/TPU: :large (o
 Fields: lams (the λ sweep), gamma (fixed γ_E), eps, tail, n, d, t-grid (t_min, t_max, num_t or ts),
 chunk_size (grid points per checkpointed chunk), scale (× t-grid resolution).
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=40, lams=(1.0, 3.0, 10.0, 30.0)),
     "default": dict(),
-    "large": dict(n=256, d=8, num_t=160, lams=tuple(float(x) for x in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100)),
-                  scale=2.0),
+    "large": dict(n=256, d=8, num_t=160, scale=2.0,
+                  lams=tuple(float(x) for x in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100))),
 }
 
 
 def get_config(arg=None):
-    c = runner.landscape_config(
+    c = common.landscape_config(
         "sharpness_sweep",
         drop=("lam",),
         lams=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 100.0),
@@ -27,4 +27,4 @@ def get_config(arg=None):
         num_t=64,
         chunk_size=8,
     )
-    return runner.apply_config_arg(c, arg, PRESETS)
+    return common.apply_config_arg(c, arg, PRESETS)

@@ -9,7 +9,7 @@ Run (default, ≈20 s on 2 CPU cores, float64):
 Smoke (≈10 s): --config=configs/subspace_rotation.py:smoke.   GPU/TPU: :large.
 Fields: policy_curvature (κ: rotation rate), lam, gamma, eps, tail, n, d, t-grid, substeps, scale.
 """
-from alignment_geom import runner
+from configs import common
 
 PRESETS = {
     "smoke": dict(n=16, d=2, num_t=40),
@@ -19,5 +19,5 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    c = runner.landscape_config("subspace_rotation", eps=1e-4, policy_curvature=0.3, t_max=1.0, num_t=48)
-    return runner.apply_config_arg(c, arg, PRESETS)
+    c = common.landscape_config("subspace_rotation", eps=1e-4, policy_curvature=0.3, t_max=1.0, num_t=48)
+    return common.apply_config_arg(c, arg, PRESETS)

@@ -1,2 +1,2 @@
-"""Command-line entry points: ``python -m experiments.run`` (one figure) and ``python -m experiments.figures``
-(the main job, all nine figures). They only parse flags and call library code in alignment_geom."""
+"""Command-line entry points: ``python -m experiments.run`` (one study) and ``python -m experiments.figures`` (the
+main job). They only parse flags and call :mod:`alignment_geom.cli`."""

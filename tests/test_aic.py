@@ -16,7 +16,8 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from alignment_geom import aic
-from alignment_geom import spectral as sp
+from alignment_geom import linalg as sp
+from alignment_geom.problem import Problem
 
 LAMS = np.array([9.0, 6.0, 4.0, 0.03, 0.02, 0.01])
 BETA, H0, KC, KAPPA = 1.3, 0.7, 2.0, 0.9
@@ -196,7 +197,8 @@ def test_sensitive_subspace_energy_empirical_and_random_subspace():
                                    safety_batch=safety_batch, sketch_dim=256)
     k, m = 256, 6
     ratio = np.asarray(sub_r.eigvals) / np.sort(np.linalg.eigvalsh(Fhat))[::-1][:3]
-    assert np.all((ratio >= (1 - np.sqrt(m / k) - 4 / np.sqrt(k)) ** 2) & (ratio <= (1 + np.sqrt(m / k) + 4 / np.sqrt(k)) ** 2))
+    lo, hi = (1 - np.sqrt(m / k) - 4 / np.sqrt(k)) ** 2, (1 + np.sqrt(m / k) + 4 / np.sqrt(k)) ** 2
+    assert np.all((ratio >= lo) & (ratio <= hi))
     with pytest.raises(ValueError, match="exactly one"):
         aic.sensitive_subspace(params, 3, energy=0.9, logits_fn=logits_fn, inputs=inputs)
     with pytest.raises(ValueError, match="logprob_fn"):
@@ -221,8 +223,8 @@ def test_empirical_fisher_trace_exact_against_dense(chunk_examples):
     tm = aic.empirical_fisher_trace(logprob_fn, params, safety_batch, mask=mask, **chunk_kw)
     np.testing.assert_allclose(float(tm), np.sum(G[:, idx] ** 2) / m, rtol=1e-13)
     # fisher_trace / measure: exact even where the Fisher-matvec trace would switch to Hutch++ (n > exact_max_n)
-    t2, how, se = aic.fisher_trace(params, fisher="empirical", logprob_fn=logprob_fn, safety_batch=safety_batch,
-                                   exact_max_n=4)
+    problem = Problem(params, logprob_fn=logprob_fn, safety_batch=safety_batch)
+    t2, how, se = aic.fisher_trace(problem, fisher=aic.EmpiricalFisher())
     assert how == "exact" and float(se) == 0.0
     np.testing.assert_allclose(float(t2), float(t), rtol=1e-14)
     rep = aic.measure(ft_loss, params, jnp.zeros(()), None, None, 3, fisher="empirical", logprob_fn=logprob_fn,
@@ -232,20 +234,26 @@ def test_empirical_fisher_trace_exact_against_dense(chunk_examples):
     np.testing.assert_allclose(rep.tail, float(t) - np.sum(np.sort(np.linalg.eigvalsh(G.T @ G / m))[::-1][:3]),
                                rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="logprob_fn"):
-        aic.fisher_trace(params, fisher="empirical")
+        aic.fisher_trace(Problem(params), fisher=aic.EmpiricalFisher())
 
 
-def test_sensitive_subspace_signature_lists_every_option():
-    """The public wrapper shows the implementation's full keyword signature and rejects unknown options."""
+def test_sensitive_subspace_signature_is_the_problem_form():
+    """help()/inspect show the Problem form; the earlier keyword form still runs; unknown options raise."""
     import inspect
 
-    params = _land(0.25)[0]
+    params, _, _, _, logprob_fn, safety_batch, _ = _land(0.25)
     sig = inspect.signature(aic.sensitive_subspace)
-    assert list(sig.parameters) == list(inspect.signature(aic._sensitive_subspace).parameters)
-    assert {"fisher", "energy", "method", "mask", "trace_options"} <= set(sig.parameters)
-    assert sig.return_annotation is aic.SensitiveSubspace
+    assert list(sig.parameters) == ["problem", "d", "fisher", "energy", "k_max", "total", "key"]
+    assert sig.return_annotation in (aic.SensitiveSubspace, "SensitiveSubspace")
+    problem = Problem(params, logprob_fn=logprob_fn, safety_batch=safety_batch)
+    new = aic.sensitive_subspace(problem, 2, fisher=aic.EmpiricalFisher(method="gram"))
+    old = aic.sensitive_subspace(params, 2, fisher="empirical", method="gram", logprob_fn=logprob_fn,
+                                 safety_batch=safety_batch)
+    np.testing.assert_array_equal(np.asarray(new.eigvals), np.asarray(old.eigvals))
     with pytest.raises(TypeError, match="bogus"):
         aic.sensitive_subspace(params, 1, bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        aic.sensitive_subspace(problem, 1, bogus=1)
 
 
 def test_gram_method_empirical_fisher_matches_lanczos_and_dense():

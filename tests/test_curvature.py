@@ -9,7 +9,7 @@ from jax.experimental.ode import odeint
 
 from alignment_geom import curvature as C
 from alignment_geom import testing as T
-from alignment_geom._tree import ravel
+from alignment_geom.tree import ravel
 
 RTOL = 1e-10
 MODELS = list(T.MODEL_ZOO)
@@ -62,7 +62,7 @@ def test_hvp_matches_dense_hessian(model, dense):
 
 
 def test_linearized_hvp_matches_dense_hessian(model, dense):
-    H, flat, unravel = dense["H"], dense["flat"], dense["unravel"]
+    H, unravel = dense["H"], dense["unravel"]
     mv = C.linearized_hvp(model.loss_fn, model.params, model.batch)
     for seed in (2, 3):
         v = _rand_like(model.params, seed)
@@ -228,7 +228,7 @@ def test_flow_taylor_partial_sums_against_ode(K):
 def test_masked_operators_equal_dense_sub_blocks(model, dense):
     mask = _first_leaf_mask(model.params)
     flat, unravel = ravel(model.params)
-    from alignment_geom._tree import mask_indices
+    from alignment_geom.tree import mask_indices
 
     S = mask_indices(mask, model.params)
     assert 0 < S.size < flat.size

@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from alignment_geom import runner
-from alignment_geom import experiments as ex
+from alignment_geom import harness, studies
+from alignment_geom.studies import _theory as ex
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(name, arg="smoke"):
-    return runner.load_config(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
+    return harness.load_config(os.path.join(ROOT, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 def _run(name, tmp_path, arg="smoke", **overrides):
@@ -21,7 +21,7 @@ def _run(name, tmp_path, arg="smoke", **overrides):
     for k, v in overrides.items():
         setattr(config, k, v)
     wd = str(tmp_path / name)
-    res = runner.run(config, wd)
+    res = studies.run(config, wd)
     for f in ("config.json", "env.json", "results.json", f"{name}.png", f"{name}.pdf"):
         assert os.path.getsize(os.path.join(wd, f)) > 0, f
     on_disk = json.load(open(os.path.join(wd, "results.json")))
@@ -114,7 +114,7 @@ def test_subspace_rotation_linear_angle_below_davis_kahan(tmp_path):
     assert r["dk_violations"] == 0
     th = np.asarray(r["theta_max"])
     assert np.all(np.diff(th) > 0) and th[-1] < np.pi / 2
-    # flow.record_path's subspace (thin SVD of the Fisher factor) matches the dense eigendecomposition
+    # dynamics.record_path's subspace (thin SVD of the Fisher factor) matches the dense eigendecomposition
     assert r["max_angle_diff_record_path_vs_dense"] <= 1e-8
     assert r["claim"]["agree"]
 
@@ -132,13 +132,13 @@ def test_sweep_sharded_equals_single_device():
 
 
 def test_float32_theory_run_warns(tmp_path, monkeypatch):
-    import alignment_geom.experiments.quartic_onset as q
+    from alignment_geom.studies import quartic_onset as q
 
     monkeypatch.setattr(q, "run", lambda config, workdir: {"ok": 1})
     config = _config("quartic_onset")
     config.dtype = "float32"
     with pytest.warns(RuntimeWarning, match="float64 is needed for the small-t regime"):
-        runner.run(config, str(tmp_path / "f32"))
+        studies.run(config, str(tmp_path / "f32"))
 
 
 def test_nan_along_trajectory_stops_naming_step(tmp_path):
@@ -148,8 +148,8 @@ def test_nan_along_trajectory_stops_naming_step(tmp_path):
     config.t_max = 1e4
     config.num_t = 24
     wd = str(tmp_path / "nan")
-    with pytest.raises(runner.NonFiniteError, match=r"non-finite du at step \d+ \(t="):
-        runner.run(config, wd)
+    with pytest.raises(harness.NonFiniteError, match=r"non-finite du at step \d+ \(t="):
+        studies.run(config, wd)
     res = json.load(open(os.path.join(wd, "results.json")))
     assert res["status"] == "nonfinite" and res["quantity"] == "du"
     k = int(res["step"].split()[0])
@@ -169,29 +169,29 @@ def test_bad_config_rejected_before_writing(tmp_path, name, field, value):
     config = _config(name)
     setattr(config, field, value)
     wd = tmp_path / "never"
-    with pytest.raises(runner.ConfigError) as ei:
-        runner.run(config, str(wd))
+    with pytest.raises(harness.ConfigError) as ei:
+        studies.run(config, str(wd))
     assert ei.value.field == field and f"config.{field}=" in str(ei.value) and "\n" not in str(ei.value)
     assert not wd.exists()
 
 
 def test_every_config_has_docstring_with_command_and_runtime():
-    for name in ex.FIGURES:
+    for name in studies.MAIN_JOB:
         path = os.path.join(ROOT, "configs", f"{name}.py")
         import ast
 
         doc = ast.get_docstring(ast.parse(open(path).read()))
         assert f"python -m experiments.run --config=configs/{name}.py" in doc, name
-        assert "2 CPU cores" in doc and "s on" in doc, name
+        assert "2 CPU cores" in doc and ("s on" in doc or "min on" in doc), name
         for preset in ("smoke", "default", "large"):
             c = _config(name, preset)
             assert c.experiment == name and c.preset == preset
-            runner.validate(c)
+            studies.validate(c)
 
 
 def test_main_job_summary_table(tmp_path, capsys):
     out = tmp_path / "figures"
-    status = runner.main_job(str(out), preset="smoke", only=["drift", "coupling_sweep"])
+    status = studies.main_job(str(out), preset="smoke", only=["drift", "coupling_sweep"])
     assert status == 0
     summary = json.load(open(out / "summary.json"))
     assert [r["figure"] for r in summary["rows"]] == ["drift", "coupling_sweep"]

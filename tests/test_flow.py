@@ -7,10 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alignment_geom import flow, scaling
+from alignment_geom import curvature, dynamics, scaling
 from alignment_geom import landscapes as L
 from alignment_geom.testing import dense_fisher, mlp_model, relative_error, softmax_regression_model
-
 
 # --------------------------------------------------------------------------- quadratic closed forms
 
@@ -46,12 +45,12 @@ def _flat(path):
 def test_dopri5_stiff_quadratic_closed_form():
     loss, params, batch, H, g = _quadratic(cond=1e3)
     ts = np.logspace(-4, 1, 26)
-    disp = _flat(flow.gradient_flow(loss, params, batch, ts, output="displacement"))
+    disp = _flat(dynamics.gradient_flow(loss, params, batch, ts, output="displacement"))
     exact = _closed_form(H, g, ts)
     rel = np.linalg.norm(disp - exact, axis=1) / np.linalg.norm(exact, axis=1)
     assert rel.max() <= 1e-8, rel.max()
     # the "params" output is θ* + δ (same integration)
-    path = _flat(flow.gradient_flow(loss, params, batch, ts))
+    path = _flat(dynamics.gradient_flow(loss, params, batch, ts))
     np.testing.assert_allclose(path, np.asarray(batch["theta0"]) + disp, rtol=0, atol=1e-15)
 
 
@@ -61,7 +60,7 @@ def test_rk4_closed_form_and_convergence_order():
     exact = _closed_form(H, g, ts)
     errs = []
     for steps in (16, 32):
-        disp = _flat(flow.gradient_flow(loss, params, batch, ts, method="rk4", steps=steps, output="displacement"))
+        disp = _flat(dynamics.gradient_flow(loss, params, batch, ts, method="rk4", steps=steps, output="displacement"))
         errs.append(np.max(np.linalg.norm(disp - exact, axis=1) / np.linalg.norm(exact, axis=1)))
     assert errs[1] < 1e-8
     assert 12 < errs[0] / errs[1] < 20  # fourth order: 2⁴ = 16
@@ -71,7 +70,7 @@ def test_masked_flow_and_static_projection_closed_forms():
     loss, params, batch, H, g = _quadratic(n=8, cond=30.0, seed=2)
     ts = np.array([0.05, 0.5, 2.0])
     # mask: only "a" (the first 4 coordinates) moves, with the sub-block H_SS and g_S
-    disp = _flat(flow.gradient_flow(loss, params, batch, ts, mask={"a": True, "b": False}, output="displacement"))
+    disp = _flat(dynamics.gradient_flow(loss, params, batch, ts, mask={"a": True, "b": False}, output="displacement"))
     np.testing.assert_allclose(disp[:, 4:], 0.0, atol=0)
     np.testing.assert_allclose(disp[:, :4], _closed_form(H[:4, :4], g[:4], ts), rtol=1e-8)
     # static projection defence: δ stays in range(I − P) and follows the projected quadratic
@@ -79,7 +78,7 @@ def test_masked_flow_and_static_projection_closed_forms():
     Qf, _ = np.linalg.qr(rng.standard_normal((8, 8)))
     Bp, Qc = Qf[:, :2].T, Qf[:, 2:]
     basis = {"a": jnp.asarray(Bp[:, :4]), "b": jnp.asarray(Bp[:, 4:])}
-    disp = _flat(flow.gradient_flow(loss, params, batch, ts, velocity=flow.projection_defense(basis),
+    disp = _flat(dynamics.gradient_flow(loss, params, batch, ts, velocity=dynamics.projection_defense(basis),
                                     output="displacement"))
     np.testing.assert_allclose(disp @ Bp.T, 0.0, atol=1e-13)
     exact = _closed_form(Qc.T @ H @ Qc, Qc.T @ g, ts) @ Qc.T
@@ -89,13 +88,13 @@ def test_masked_flow_and_static_projection_closed_forms():
 def test_bad_inputs():
     loss, params, batch, _, _ = _quadratic(n=4)
     with pytest.raises(ValueError, match="non-decreasing"):
-        flow.gradient_flow(loss, params, batch, np.array([1.0, 0.5]))
+        dynamics.gradient_flow(loss, params, batch, np.array([1.0, 0.5]))
     with pytest.raises(ValueError, match="method"):
-        flow.gradient_flow(loss, params, batch, np.array([1.0]), method="euler")
+        dynamics.gradient_flow(loss, params, batch, np.array([1.0]), method="euler")
     with pytest.raises(ValueError, match="batch_size"):
-        flow.discrete_path(loss, params, batch, np.array([1.0]), lr=0.1, optimizer="sgd")
+        dynamics.discrete_path(loss, params, batch, np.array([1.0]), lr=0.1, optimizer="sgd")
     with pytest.raises(ValueError, match="order"):
-        flow.utility_taylor(loss, params, batch, None, None, 0)
+        curvature.utility_taylor(loss, params, batch, None, None, 0)
 
 
 # --------------------------------------------------------------------------- stable KL
@@ -106,12 +105,12 @@ def test_stable_kl_matches_kl_and_log_cosh():
 
     model = softmax_regression_model(jax.random.PRNGKey(0))
     p2 = jax.tree_util.tree_map(lambda x: x + 0.3 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), model.params)
-    np.testing.assert_allclose(flow.stable_kl_utility(model.logits_fn, model.params, p2, model.inputs),
+    np.testing.assert_allclose(curvature.stable_kl_utility(model.logits_fn, model.params, p2, model.inputs),
                                kl_utility(model.logits_fn, model.params, p2, model.inputs), rtol=1e-13)
     # binary heads at p = ½: KL(½ ‖ σ(x)) = log cosh(x/2), from x = 1e-9 (KL ~ 1e-19) to x = 60
     x = jnp.array([1e-9, 1e-5, 0.05, 0.3, 1.5, 8.0, 60.0])
     ref = jnp.zeros_like(x)
-    kl = flow.stable_kl(jnp.stack([ref, ref], -1), jnp.stack([ref, x], -1))
+    kl = curvature.stable_kl(jnp.stack([ref, ref], -1), jnp.stack([ref, x], -1))
     exact = np.log1p(2 * np.sinh(np.asarray(x) / 4) ** 2)  # log cosh(x/2) without cancellation
     np.testing.assert_allclose(kl, exact, rtol=1e-13)
 
@@ -152,14 +151,14 @@ def _dense_utility_coeffs_impl(model, flat0, unravel, order):
 @pytest.mark.parametrize("make", [mlp_model, softmax_regression_model], ids=["mlp_curved", "linear_logits"])
 def test_utility_taylor_vs_dense_differentiation(make):
     model = make(jax.random.PRNGKey(4), m=6)
-    a = np.array(flow.utility_taylor(model.loss_fn, model.params, model.batch, model.logits_fn, model.inputs, 4))
+    a = np.array(curvature.utility_taylor(model.loss_fn, model.params, model.batch, model.logits_fn, model.inputs, 4))
     ref = _dense_utility_coeffs(model, 4)
     np.testing.assert_allclose(a, ref, rtol=1e-10, atol=1e-15)
     # a_2 = ½ gᵀ F g (dense Fisher)
     g = jax.flatten_util.ravel_pytree(jax.grad(model.loss_fn)(model.params, model.batch))[0]
     F = dense_fisher(model.logits_fn, model.params, model.inputs)
     np.testing.assert_allclose(a[2], 0.5 * g @ F @ g, rtol=1e-10)
-    split = flow.onset_split(model.loss_fn, model.params, model.batch, model.logits_fn, model.inputs, order=4)
+    split = curvature.onset_split(model.loss_fn, model.params, model.batch, model.logits_fn, model.inputs, order=4)
     np.testing.assert_allclose(split["a4"], a[4], rtol=1e-12)
     if make is softmax_regression_model:  # linear logits: D²z = 0
         assert split["a4_curv"] == 0.0 and split["a4_cross"] == 0.0
@@ -169,8 +168,8 @@ def test_utility_taylor_vs_dense_differentiation(make):
 
 def test_utility_taylor_jet_equals_jvp():
     ls = L.make_landscape(n=12, d=2, n_tail=1, eps=0.2, policy_curvature=0.4, third_order=1.0, base_logit=0.5)
-    a = flow.utility_taylor(ls.loss_fn, ls.params, ls.batch, ls.logits_fn, ls.inputs, 5)
-    b = flow.utility_taylor(ls.loss_fn, ls.params, ls.batch, ls.logits_fn, ls.inputs, 5, method="jvp")
+    a = curvature.utility_taylor(ls.loss_fn, ls.params, ls.batch, ls.logits_fn, ls.inputs, 5)
+    b = curvature.utility_taylor(ls.loss_fn, ls.params, ls.batch, ls.logits_fn, ls.inputs, 5, method="jvp")
     np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-15)
     assert a[2] > 0 and a[3] != 0  # ε > 0: the t² and t³ terms are present
 
@@ -188,9 +187,9 @@ def onset_grid():
     @jax.jit
     @jax.vmap
     def run(p, b, x):
-        path = flow.gradient_flow(L.landscape_loss, p, b, TS)
-        du = jax.vmap(lambda th: flow.stable_kl_utility(L.landscape_logits, p, th, x))(path)
-        return du, flow.utility_taylor_coeffs(L.landscape_loss, p, b, L.landscape_logits, x, 5)
+        path = dynamics.gradient_flow(L.landscape_loss, p, b, TS)
+        du = jax.vmap(lambda th: curvature.stable_kl_utility(L.landscape_logits, p, th, x))(path)
+        return du, curvature.utility_taylor_coeffs(L.landscape_loss, p, b, L.landscape_logits, x, 5)
 
     du, coeffs = run(grid.params, grid.batch, grid.inputs)
     return grid, np.asarray(du), np.asarray(coeffs)
@@ -240,13 +239,13 @@ def test_third_order_ends_window_near_t0(onset_grid):
 def test_discrete_gd_tracks_flow_then_leaves_it():
     ls = L.make_landscape(n=32)
     ts = np.array([0.5, 1.0])  # GD's drift lags by O(η/t): δ_s = cG(t² − ηt)/2, so compare at t ≫ η
-    ref = flow.record_path(flow.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts), ts, params0=ls.params,
+    ref = dynamics.record_path(dynamics.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts), ts, params0=ls.params,
                            logits_fn=ls.logits_fn, inputs=ls.inputs)["du"]
     errs = []
     for lr in (1e-3, 1e-2, 1e-1):
-        path, actual = flow.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=lr)
+        path, actual = dynamics.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=lr)
         np.testing.assert_allclose(actual, np.rint(ts / lr) * lr, rtol=1e-14)
-        du = flow.record_path(path, actual, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs)["du"]
+        du = dynamics.record_path(path, actual, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs)["du"]
         # compare at the rounded times: Δu(t) ≈ a4 t⁴ locally, so rescale the flow value
         errs.append(np.max(np.abs(du / (ref * (actual / ts) ** 4) - 1)))
     errs = np.array(errs)
@@ -258,15 +257,15 @@ def test_discrete_gd_tracks_flow_then_leaves_it():
 def test_sgd_and_adam_paths():
     ls = L.make_landscape(n=16, n_examples=4, grad_noise=0.3)
     ts = np.array([0.0104, 0.02, 0.05])
-    gd, act = flow.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01)
+    gd, act = dynamics.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01)
     np.testing.assert_allclose(act, [0.01, 0.02, 0.05], rtol=1e-14)
-    full, _ = flow.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="sgd", batch_size=4,
+    full, _ = dynamics.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="sgd", batch_size=4,
                                  sample_fn=lambda k, b: ls.minibatch_fn(k, b, 4), key=jax.random.PRNGKey(1))
     np.testing.assert_allclose(full["theta"], gd["theta"], rtol=1e-12, atol=1e-15)  # full minibatch = GD
-    one, _ = flow.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="sgd", batch_size=1,
+    one, _ = dynamics.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="sgd", batch_size=1,
                                 sample_fn=lambda k, b: ls.minibatch_fn(k, b, 1), key=jax.random.PRNGKey(1))
     assert np.abs(np.asarray(one["theta"] - gd["theta"])).max() > 1e-4
-    adam, _ = flow.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="adam")
+    adam, _ = dynamics.discrete_path(ls.loss_fn, ls.params, ls.batch, ts, lr=0.01, optimizer="adam")
     # Adam's first step moves every coordinate with a nonzero gradient by ≈ lr (sign-like update)
     g = np.asarray(jax.grad(ls.loss_fn)(ls.params, ls.batch)["theta"])
     step1 = np.asarray(adam["theta"][0])
@@ -278,10 +277,10 @@ def test_defences_static_still_quartic_dynamic_delays():
     ls = L.make_landscape(n=24, policy_curvature=0.5, tail=0.1, tail_coupling=0.3)
     ts = np.logspace(-3, 0, 31)
     rec = {}
-    for name, vel in [("none", None), ("static", flow.projection_defense(ls.basis)),
-                      ("dynamic", flow.dynamic_projection_defense(ls.logits_fn, ls.inputs, 4))]:
-        path = flow.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts, velocity=vel, rtol=1e-9)
-        rec[name] = flow.record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs)["du"]
+    for name, vel in [("none", None), ("static", dynamics.projection_defense(ls.basis)),
+                      ("dynamic", dynamics.dynamic_projection_defense(ls.logits_fn, ls.inputs, 4))]:
+        path = dynamics.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts, velocity=vel, rtol=1e-9)
+        rec[name] = dynamics.record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs)["du"]
     info = ls.info
     for name, a4 in [("none", info["a4"]), ("static", info["a4_curv"] + info["a4_tail"]),
                      ("dynamic", info["a4_tail"])]:
@@ -299,8 +298,8 @@ def test_record_path_measurements_and_rotation():
     pc = 0.5
     ls = L.make_landscape(n=24, policy_curvature=pc)
     ts = np.logspace(-3, 0, 7)
-    path = flow.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts)
-    rec = flow.record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs,
+    path = dynamics.gradient_flow(ls.loss_fn, ls.params, ls.batch, ts)
+    rec = dynamics.record_path(path, ts, params0=ls.params, logits_fn=ls.logits_fn, inputs=ls.inputs,
                            loss_fn=ls.loss_fn, batch=ls.batch, basis=ls.basis, taylor_order=4)
     delta = np.asarray(path["theta"])  # θ* = 0
     B = np.asarray(ls.basis["theta"])
@@ -332,9 +331,9 @@ def test_float32_flow_and_rk4_vmap_on_landscapes():
     ls64 = L.make_landscape(n=32)
     ls32 = L.make_landscape(n=32, dtype=jnp.float32)
     ts = np.array([0.1, 0.5])
-    p64 = flow.gradient_flow(ls64.loss_fn, ls64.params, ls64.batch, ts, method="rk4", steps=16)
-    p32 = flow.gradient_flow(ls32.loss_fn, ls32.params, ls32.batch, ts, method="rk4", steps=16)
+    p64 = dynamics.gradient_flow(ls64.loss_fn, ls64.params, ls64.batch, ts, method="rk4", steps=16)
+    p32 = dynamics.gradient_flow(ls32.loss_fn, ls32.params, ls32.batch, ts, method="rk4", steps=16)
     assert p32["theta"].dtype == jnp.float32
     assert relative_error(p32, p64) < 1e-5
-    pd = flow.gradient_flow(ls64.loss_fn, ls64.params, ls64.batch, ts)
+    pd = dynamics.gradient_flow(ls64.loss_fn, ls64.params, ls64.batch, ts)
     assert relative_error(p64, pd) < 1e-8

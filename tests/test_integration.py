@@ -3,9 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignment_geom import flow, spectral
+from alignment_geom import curvature, linalg
 from alignment_geom import testing as T
-from alignment_geom._tree import ravel
+from alignment_geom.tree import ravel
 
 
 def _dense_top(F, d):
@@ -14,12 +14,12 @@ def _dense_top(F, d):
 
 
 def test_top_fisher_subspace_matches_dense_eigh():
-    """flow.top_fisher_subspace (thin QR + SVD of the Fisher factor) against eigh of the dense F."""
+    """curvature.top_fisher_subspace (thin QR + SVD of the Fisher factor) against eigh of the dense F."""
     m = T.mlp_model(jax.random.PRNGKey(4))
     d = 3
     F = T.dense_fisher(m.logits_fn, m.params, m.inputs)
     w_dense, V_dense = _dense_top(F, d)
-    basis, eigvals = flow.top_fisher_subspace(m.logits_fn, m.params, m.inputs, d)
+    basis, eigvals = curvature.top_fisher_subspace(m.logits_fn, m.params, m.inputs, d)
     np.testing.assert_allclose(eigvals, w_dense, rtol=1e-10)
     B = np.stack([np.asarray(ravel(jax.tree_util.tree_map(lambda x: x[i], basis))[0]) for i in range(d)])
     # same subspace: all principal angles ~ 0 (the spectrum has distinct eigenvalues here)
@@ -33,8 +33,8 @@ def test_principal_angles_agree_between_modules():
     n, k = 40, 4
     A = jnp.linalg.qr(jax.random.normal(key, (n, k)))[0].T
     B = jnp.linalg.qr(A.T + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (n, k)))[0].T
-    a = np.sort(np.asarray(flow.principal_angles({"w": A}, {"w": B})))
-    b = np.sort(np.asarray(spectral.principal_angles({"w": A}, {"w": B})))
+    a = np.sort(np.asarray(linalg.principal_angles({"w": A}, {"w": B})))
+    b = np.sort(np.asarray(linalg.principal_angles({"w": A}, {"w": B})))
     want = np.sort(np.arccos(np.clip(np.linalg.svd(np.asarray(A @ B.T), compute_uv=False), -1, 1)))
     np.testing.assert_allclose(a, want, atol=1e-7)
     np.testing.assert_allclose(b, want, atol=1e-7)

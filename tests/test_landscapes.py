@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from alignment_geom import landscapes as L
-from alignment_geom.curvature import hvp
-from alignment_geom.flow import utility_taylor_coeffs
+from alignment_geom.curvature import hvp, utility_taylor_coeffs
 from alignment_geom.testing import dense_fisher, dense_hessian
 
 CONFIGS = [
@@ -174,7 +173,8 @@ def test_loss_equals_sliced_reference_formula(cfg):
     # Hessian as the sliced formula, at θ* and at random points away from it.
     ls = L.make_landscape(**{"third_order": 0.7, **cfg})
     for i in range(3):
-        theta = ls.params["theta"] + (0.0 if i == 0 else jax.random.normal(jax.random.PRNGKey(i), ls.params["theta"].shape))
+        shift = 0.0 if i == 0 else jax.random.normal(jax.random.PRNGKey(i), ls.params["theta"].shape)
+        theta = ls.params["theta"] + shift
         p = {"theta": theta}
         np.testing.assert_allclose(L.landscape_loss(p, ls.batch), _sliced_loss(p, ls.batch), rtol=1e-13, atol=1e-14)
         np.testing.assert_allclose(jax.grad(L.landscape_loss)(p, ls.batch)["theta"],

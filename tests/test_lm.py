@@ -1,5 +1,5 @@
-"""Tests of the small transformer LM, LoRA, the synthetic language + judge, and the Table-1 pipeline
-(issue 6). float64 (conftest) for every numerical check; the pipeline runs once at smoke scale."""
+"""Tests of the small transformer LM, LoRA, the synthetic language + judge, and the Table-1 pipeline.
+float64 (conftest) for every numerical check; the pipeline runs once at smoke scale."""
 import os
 
 import jax
@@ -9,9 +9,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from alignment_geom import aic as A
-from alignment_geom import lm, spectral
-from alignment_geom import lm_data as D
-from alignment_geom.experiments import lm_table1 as T
+from alignment_geom import dynamics, harness, linalg, studies
+from alignment_geom.data import synthetic as D
+from alignment_geom.models import lora
+from alignment_geom.models import transformer as lm
+from alignment_geom.studies import lm_table1 as T
 from alignment_geom.testing import assert_trees_all_close
 
 TINY = lm.LMConfig(vocab_size=D.VOCAB_SIZE, context=24, width=8, layers=1, heads=2, mlp_ratio=1, dtype="float64")
@@ -45,7 +47,8 @@ def test_language_deterministic_split_and_judge():
     a = D.make_pairs("samsum", 20, 3)
     assert a == D.make_pairs("samsum", 20, 3) and a != D.make_pairs("samsum", 20, 4)
     train, test = D.harmful_prompts("train"), D.harmful_prompts("test")
-    assert len(train) + len(test) == len(D.harmful_prompts()) and not {tuple(p) for p in train} & {tuple(p) for p in test}
+    assert len(train) + len(test) == len(D.harmful_prompts())
+    assert not {tuple(p) for p in train} & {tuple(p) for p in test}
     # no benign prompt contains the harmful intent "how to"
     for t in D.BENIGN_TASKS:
         assert all("how" not in p for p, _ in D.make_pairs(t, 50, 1))
@@ -72,26 +75,26 @@ def test_language_deterministic_split_and_judge():
 
 def test_lora_merge_init_identity_and_formula(tiny):
     params, _, _ = tiny
-    lc = lm.LoRAConfig(rank=2, alpha=3.0, targets=("q", "mlp_out"))
-    lora = lm.init_lora(params, lc, jax.random.PRNGKey(1))
-    assert_trees_all_close(lm.merge_lora(params, lora, lc.scale), params, rtol=0, atol=0)  # B = 0
-    lora = jax.tree_util.tree_map(lambda x: x + 0.1, lora)
-    merged = lm.merge_lora(params, lora, lc.scale)
-    W0, A, B = params["block_0"]["q"]["kernel"], lora["block_0"]["q"]["A"], lora["block_0"]["q"]["B"]
+    lc = lora.LoRAConfig(rank=2, alpha=3.0, targets=("q", "mlp_out"))
+    ad = lora.init_lora(params, lc, jax.random.PRNGKey(1))
+    assert_trees_all_close(lora.merge_lora(params, ad, lc.scale), params, rtol=0, atol=0)  # B = 0
+    ad = jax.tree_util.tree_map(lambda x: x + 0.1, ad)
+    merged = lora.merge_lora(params, ad, lc.scale)
+    W0, A, B = params["block_0"]["q"]["kernel"], ad["block_0"]["q"]["A"], ad["block_0"]["q"]["B"]
     np.testing.assert_allclose(merged["block_0"]["q"]["kernel"], W0 + 1.5 * (A @ B), rtol=1e-13, atol=1e-15)
     assert_trees_all_close(merged["block_0"]["k"], params["block_0"]["k"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="targets"):
-        lm.LoRAConfig(targets=("nope",))
+        lora.LoRAConfig(targets=("nope",))
 
 
 def test_lora_training_changes_only_adapters(tiny):
     params, _, _ = tiny
-    lc = lm.LoRAConfig(rank=2, alpha=4.0)
-    tree = lm.lora_tree(params, lm.init_lora(params, lc, jax.random.PRNGKey(2)))
+    lc = lora.LoRAConfig(rank=2, alpha=4.0)
+    tree = lora.lora_tree(params, lora.init_lora(params, lc, jax.random.PRNGKey(2)))
     data = D.make_dataset("dolly", 16, 0, context=24)
-    loss = lambda tr, b: lm.lm_loss(TINY, lm.lora_merged_params(tr, lc), b)  # noqa: E731
-    out, hist = lm.train(loss, tree, data, lm.TrainConfig(1e-2, 8, 2, optimizer="adamw", weight_decay=0.1),
-                         key=jax.random.PRNGKey(3), mask=lm.lora_mask(tree))
+    loss = lambda tr, b: lm.lm_loss(TINY, lora.lora_merged_params(tr, lc), b)  # noqa: E731
+    out, hist = dynamics.train(loss, tree, data, dynamics.TrainConfig(1e-2, 8, 2, optimizer="adamw", weight_decay=0.1),
+                         key=jax.random.PRNGKey(3), mask=lora.lora_mask(tree))
     assert hist["loss"].shape == (4,)
     assert_trees_all_close(out["base"], params, rtol=0, atol=0)  # bit-identical base weights
     changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(out["lora"]),
@@ -99,7 +102,7 @@ def test_lora_training_changes_only_adapters(tiny):
     assert all(changed)
     # full fine-tuning with the same loop changes the base weights and lowers the loss
     floss = lambda p, b: lm.lm_loss(TINY, p, b)  # noqa: E731
-    p2, h2 = lm.train(floss, params, data, lm.TrainConfig(3e-2, 16, 6), key=jax.random.PRNGKey(3),
+    p2, h2 = dynamics.train(floss, params, data, dynamics.TrainConfig(3e-2, 16, 6), key=jax.random.PRNGKey(3),
                       metric_fn=lambda p: floss(p, data), metric_every=2)
     assert h2["metric"].shape == (4,) and h2["metric"][-1] < h2["metric"][0]
     assert not np.array_equal(p2["head"]["kernel"], params["head"]["kernel"])
@@ -125,8 +128,8 @@ def test_generation_deterministic_and_greedy_is_argmax(tiny):
 def test_checkpoint_roundtrip(tiny, tmp_path):
     params, _, _ = tiny
     path = os.path.join(tmp_path, "ck")
-    lm.save_checkpoint(path, params)
-    back = lm.restore_checkpoint(path, params)
+    harness.save_tree(path, params)
+    back = harness.restore_tree(path, params)
     assert_trees_all_close(back, params, rtol=0, atol=0)
 
 
@@ -168,7 +171,7 @@ def test_random_subspace_fisher_is_sketch_and_converges(tiny, tiny_fishers):
     key = jax.random.PRNGKey(1)
     deltas = jax.vmap(ravel_pytree(params)[1])(jnp.asarray(np.random.default_rng(0).normal(size=(2, n))))
     rs, sd = T.random_subspace(lp, params, lpb, 48, key=key, deltas=deltas)
-    S = np.asarray(spectral.random_sketch_matrix(params, 48, key=key, block_size=T.sketch_block_size(48)))
+    S = np.asarray(linalg.random_sketch_matrix(params, 48, key=key, block_size=T.sketch_block_size(48)))
     FS = S @ Fe @ S.T
     np.testing.assert_allclose(np.asarray(rs.Z).T @ np.asarray(rs.Z) / m, FS, rtol=1e-10, atol=1e-12 * np.abs(FS).max())
     np.testing.assert_allclose(rs.eigvals, np.sort(np.linalg.eigvalsh(FS))[::-1][:m], rtol=1e-9, atol=1e-12 * FS.max())
@@ -220,18 +223,16 @@ def test_intruder_dimensions():
 
 
 def _config(arg):
-    from alignment_geom import runner
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return runner.load_config(os.path.join(root, "configs", "lm_table1.py") + ":" + arg)
+    return harness.load_config(os.path.join(root, "configs", "lm_table1.py") + ":" + arg)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    from alignment_geom import runner
 
     wd = str(tmp_path_factory.mktemp("lm_table1"))
-    res = runner.run(_config("smoke"), wd)
+    res = studies.run(_config("smoke"), wd)
     return res, wd
 
 
@@ -256,21 +257,20 @@ def test_pipeline_smoke(smoke):
     # the aligned checkpoint restores to a model that refuses a held-out harmful prompt (greedy)
     c = _config("smoke")
     cfg = T._model_cfg(c)
-    theta = lm.restore_checkpoint(os.path.join(wd, "checkpoints", "aligned"), lm.init_params(cfg, jax.random.PRNGKey(0)))
+    theta = harness.restore_tree(os.path.join(wd, "checkpoints", "aligned"), lm.init_params(cfg, jax.random.PRNGKey(0)))
     data = D.make_dataset("harmful", 4, 11, context=c.context, harmful_split="test")
-    assert all(D.is_refusal(a) for a in lm.answers(cfg, theta, data, 5))
+    assert all(D.is_refusal(a) for a in T.answers(cfg, theta, data, 5))
 
 
 def test_config_validation():
-    from alignment_geom import runner
 
     c = _config("smoke")
     c.tasks = ("gsm8k", "nope")
-    with pytest.raises(runner.ConfigError, match="tasks"):
+    with pytest.raises(harness.ConfigError, match="tasks"):
         T.validate(c)
     c = _config("smoke")
     c.heads = 3
-    with pytest.raises(runner.ConfigError, match="heads"):
+    with pytest.raises(harness.ConfigError, match="heads"):
         T.validate(c)
 
 
@@ -282,8 +282,8 @@ def test_low_precision_model_has_no_float64_under_x64(dtype):
 
     cfg = dataclasses.replace(TINY, dtype=dtype)
     params = lm.init_params(cfg, jax.random.PRNGKey(0))
-    lora = lm.init_lora(params, lm.LoRAConfig(rank=2), jax.random.PRNGKey(1))
-    assert {str(x.dtype) for x in jax.tree_util.tree_leaves((params, lora))} == {dtype}
+    adapters = lora.init_lora(params, lora.LoRAConfig(rank=2), jax.random.PRNGKey(1))
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves((params, adapters))} == {dtype}
     data = D.make_dataset("gsm8k", 3, 0, context=24)
     batch = {"tokens": jnp.asarray(data["tokens"]), "loss_mask": jnp.asarray(data["loss_mask"])}
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: lm.lm_loss(cfg, p, batch)))(params))

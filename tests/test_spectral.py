@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from alignment_geom import spectral as sp
+from alignment_geom import linalg as sp
 from alignment_geom import testing as T
 
 KEY = jax.random.PRNGKey(0)
@@ -104,7 +104,7 @@ def test_lanczos_core_blocked_basis_is_a_lanczos_decomposition(steps):
     n = 50
     A = np.asarray(_wishart(n, 70, 11))
     q0 = jax.random.normal(KEY, (n,), jnp.float64)
-    alpha, beta, Q, m, _ = jax.jit(lambda q: sp._lanczos_core(lambda x: jnp.asarray(A) @ x, q, steps,
+    alpha, beta, Q, m, _ = jax.jit(lambda q: sp.eigen._lanczos_core(lambda x: jnp.asarray(A) @ x, q, steps,
                                                               key=KEY, mflat=None))(q0)
     Q, m = np.asarray(Q), int(m)
     assert m == steps and Q.shape[0] >= steps + 1 and Q.shape[0] % 16 in (0, steps + 1)
@@ -160,7 +160,7 @@ def test_gram_product_blocked_equals_dense(n):
     """G Gᵀ summed over column blocks (fori_loop; with and without a remainder block, and the plain dot
     below two blocks) equals the dense product."""
     G = np.random.default_rng(n).standard_normal((5, n))
-    np.testing.assert_allclose(np.asarray(sp._gram_product(jnp.asarray(G), block=7)), G @ G.T, rtol=1e-13,
+    np.testing.assert_allclose(np.asarray(sp.gram._gram_product(jnp.asarray(G), block=7)), G @ G.T, rtol=1e-13,
                                atol=1e-13)
 
 
@@ -173,7 +173,7 @@ def test_gram_eigenpairs_wide_leaf_pytree_with_trace():
     A = np.concatenate([grads["big"].reshape(m, -1), grads["small"]], axis=1)
     K = A @ A.T / m
     w = np.sort(np.linalg.eigvalsh(K))[::-1]
-    lam, vecs, res, tr = sp._gram_eigenpairs_and_trace(jax.tree_util.tree_map(jnp.asarray, grads), 4, True)
+    lam, vecs, res, tr = sp.gram_eigenpairs_and_trace(jax.tree_util.tree_map(jnp.asarray, grads), 4, True)
     np.testing.assert_allclose(np.asarray(lam), w[:4], rtol=1e-12)
     np.testing.assert_allclose(float(tr), np.sum(A ** 2) / m, rtol=1e-13)
     V = np.asarray(sp.as_matrix(vecs))

@@ -1,0 +1,357 @@
+"""Top-k eigenpairs of symmetric operators on pytrees (paper §3: F, its top-d eigenpairs, Mᵢ, Pᵢ).
+
+Every solver takes a symmetric linear operator, either a :class:`~alignment_geom.linalg.LinearOperator` or a
+*matvec* on pytrees ``matvec(v) -> A v`` with ``v`` shaped like ``like`` (typically θ*), e.g. the true Fisher
+F (``curvature.linearized_fisher_vp``) or the Hessian H (``curvature.linearized_hvp``). Internally the vectors
+are ravelled (``jax.flatten_util``) so the Krylov bases are plain ``(steps, n)`` arrays; results come back
+as pytrees with a leading axis.
+
+All solver loops run in ``lax.fori_loop`` / ``lax.while_loop`` / ``lax.map``: compile time does not grow
+with the number of steps. Everything is jit-compatible (``k``, step counts, ``method`` and ``which`` are
+static) and works with parameters sharded over several devices (XLA propagates the shardings through the
+ravelled vectors).
+
+    top_eigenpairs  Lanczos (full re-orthogonalisation, tolerance stop), LOBPCG
+                    (jax.experimental.sparse.linalg.lobpcg_standard) or randomized subspace iteration.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.sparse.linalg import lobpcg_standard
+
+from alignment_geom.linalg.operator import operator_args
+from alignment_geom.linalg.subspace import orthonormal_rows
+
+PyTree = object
+
+__all__ = ["SolverInfo", "top_eigenpairs"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class SolverInfo(NamedTuple):
+    """Diagnostics of an eigensolver run (all jax arrays, so it can leave a jit).
+
+    num_matvecs: operator applications used by the iteration (Krylov steps / block columns), not
+        counting the ``k`` extra ones of the final exact residual check.
+    num_iters: Lanczos steps, LOBPCG or subspace iterations.
+    converged: whether the tolerance was met (True when no tolerance was asked).
+    residual_estimates: (k,) the solver's own relative residual estimates (Lanczos: β_m|e_mᵀs|/|θ|).
+    """
+
+    num_matvecs: jax.Array
+    num_iters: jax.Array
+    converged: jax.Array
+    residual_estimates: jax.Array
+
+
+def _unravel_rows(unravel, V):
+    return jax.vmap(unravel)(V)
+
+
+def _select(theta, k, which, valid=None):
+    """Indices of the k wanted Ritz values, in descending order of the sort key."""
+    if which == "LA":
+        score = theta
+    elif which == "LM":
+        score = jnp.abs(theta)
+    else:  # pragma: no cover - validated by callers
+        raise ValueError(which)
+    if valid is not None:
+        score = jnp.where(valid, score, -jnp.inf)
+    _, idx = lax.top_k(score, k)
+    return idx
+
+
+def _check_common(k, which, like):
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if which not in ("LA", "LM"):
+        raise ValueError(f"which must be 'LA' (largest algebraic) or 'LM' (largest magnitude); got {which!r}")
+    n = sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(like))
+    if k > n:
+        raise ValueError(f"k={k} exceeds the operator dimension n={n}")
+    return n
+
+
+def _rand_like_flat(key, flat, mflat, dist="normal"):
+    if dist == "normal":
+        z = jax.random.normal(key, flat.shape, flat.dtype)
+    elif dist == "rademacher":
+        z = jax.random.rademacher(key, flat.shape, flat.dtype)
+    else:
+        raise ValueError(f"dist must be 'normal' or 'rademacher'; got {dist!r}")
+    return z if mflat is None else z * mflat
+
+
+# --------------------------------------------------------------------------- Lanczos
+
+_BASIS_BLOCK = 16  # rows per block of the stored Krylov basis (see _lanczos_core)
+
+
+def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", check_every=1, min_steps=None):
+    """Lanczos with full re-orthogonalisation ("twice is enough") in a lax.while_loop.
+
+    Builds Q = [q_0 … q_{m}] (orthonormal rows) and the tridiagonal T_m (alpha, beta) with
+    A Q_mᵀ = Q_mᵀ T_m + β_{m-1} q_m e_mᵀ. On breakdown (an invariant subspace, β ≈ 0) it continues
+    from a fresh random vector orthogonal to Q, storing β = 0, so rank-deficient operators are handled.
+    With ``tol`` it stops as soon as the k wanted Ritz pairs have relative residual estimates
+    β_{m-1}|s_{m-1,i}|/|θ_i| ≤ tol (checked every ``check_every`` steps, never before ``min_steps``).
+
+    The basis is stored in blocks of ``_BASIS_BLOCK`` rows, and step j projects only against the
+    ⌈(j+1)/block⌉ blocks filled so far (a lax.fori_loop over blocks): the re-orthogonalisation
+    cost grows with the steps actually taken, not with ``max_steps`` (one (S+1)×n matvec pass
+    costs as much as all of them; benchmarks/spectral.py measures the step cost).
+
+    Returns (alpha (S,), beta (S,), Q (R, n) with R ≥ S+1 rows, rows past m zero, m steps done,
+    converged).
+    """
+    n = q0.shape[0]
+    dtype = q0.dtype
+    S = max_steps
+    eps_bd = jnp.finfo(dtype).eps ** 0.75
+    min_steps = max(k, 1) if min_steps is None else min_steps
+    B = min(_BASIS_BLOCK, S + 1)
+    NB = -(-(S + 1) // B)
+
+    def gram_schmidt(Q, w, j):
+        """One classical Gram–Schmidt pass, w − Q_{0..j}ᵀ(Q_{0..j} w), over the filled blocks only."""
+        nblk = j // B + 1
+        h = lax.fori_loop(0, nblk, lambda c, h: h.at[c].set(Q[c] @ w), jnp.zeros((NB, B), dtype))
+        return lax.fori_loop(0, nblk, lambda c, ww: ww - Q[c].T @ h[c], w)
+
+    def orth(Q, w, j):
+        return gram_schmidt(Q, gram_schmidt(Q, w, j), j)
+
+    Q0 = jnp.zeros((NB, B, n), dtype).at[0, 0].set(q0 / jnp.linalg.norm(q0))
+    alpha0 = jnp.zeros((S,), dtype)
+    beta0 = jnp.zeros((S,), dtype)
+
+    def check(alpha, beta, m):
+        theta, s, valid = _tridiag_eig(alpha, beta, m)
+        idx = _select(theta, k, which, valid)
+        last = s[m - 1, idx]
+        est = jnp.abs(beta[m - 1] * last) / jnp.maximum(jnp.abs(theta[idx]), jnp.finfo(dtype).tiny)
+        return jnp.all(est <= tol) & (m >= min_steps)
+
+    def cond(state):
+        j, _, _, _, done, _ = state
+        return (j < S) & ~done
+
+    def body(state):
+        j, Q, alpha, beta, _, scale = state
+        q = Q[j // B, j % B]
+        w = mv(q)
+        a = jnp.vdot(q, w)
+        jp = jnp.maximum(j - 1, 0)
+        w = w - a * q - jnp.where(j > 0, beta[jp], 0.0) * Q[jp // B, jp % B]
+        # classical Gram–Schmidt against the whole basis, repeated only when it cancelled much of w
+        # (the DGKS criterion ‖w'‖ < ‖w‖/√2): two passes over Q per step instead of four, usually
+        n0 = jnp.linalg.norm(w)
+        w = gram_schmidt(Q, w, j)
+        n1 = jnp.linalg.norm(w)
+        w = lax.cond(n1 < 0.7071 * n0, lambda: gram_schmidt(Q, w, j), lambda: w)
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.maximum(jnp.abs(a), b))
+        breakdown = b <= eps_bd * scale
+        # fresh direction after a breakdown (beta stored as 0 keeps T block-diagonal); only computed then
+        def restart():
+            r = orth(Q, orth(Q, _rand_like_flat(jax.random.fold_in(key, j), q0, mflat), j), j)
+            return r / jnp.linalg.norm(r)
+
+        w_next = lax.cond(breakdown, restart, lambda: w / b)
+        b = jnp.where(breakdown, 0.0, b)
+        Q = Q.at[(j + 1) // B, (j + 1) % B].set(w_next)
+        alpha = alpha.at[j].set(a)
+        beta = beta.at[j].set(b)
+        m = j + 1
+        if tol is None:
+            done = jnp.asarray(False)
+        else:
+            done = lax.cond(((m % check_every) == 0) & (m >= min_steps),
+                            lambda: check(alpha, beta, m), lambda: jnp.asarray(False))
+        return m, Q, alpha, beta, done, scale
+
+    state = (jnp.asarray(0), Q0, alpha0, beta0, jnp.asarray(False), jnp.zeros((), dtype))
+    m, Q, alpha, beta, done, _ = lax.while_loop(cond, body, state)
+    converged = jnp.asarray(True) if tol is None else done
+    return alpha, beta, Q.reshape(NB * B, n), m, converged
+
+
+def _tridiag_eig(alpha, beta, m):
+    """Eigen-decomposition of the leading m×m block of T (static size S, dynamic m).
+
+    The block beyond m is replaced by a decoupled diagonal far below the spectrum, so
+    eigh(T_padded) contains eig(T_m); ``valid`` flags the Ritz values that belong to T_m.
+    Returns (theta (S,), s (S, S) eigenvectors in columns, valid (S,)).
+    """
+    S = alpha.shape[0]
+    i = jnp.arange(S)
+    inside = i < m
+    bound = jnp.max(jnp.abs(alpha) * inside) + 2 * jnp.max(jnp.abs(beta) * inside) + 1.0
+    diag = jnp.where(inside, alpha, -3.0 * bound)
+    off = jnp.where(i[:-1] < m - 1, beta[:-1], 0.0)
+    T = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, s = jnp.linalg.eigh(T)
+    valid = theta > -2.0 * bound
+    s = jnp.where(inside[:, None], s, 0.0)
+    return theta, s, valid
+
+
+def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every):
+    kq, kr = jax.random.split(key)
+    q0 = _rand_like_flat(kq, flat, mflat)
+    alpha, beta, Q, m, converged = _lanczos_core(mv, q0, num_steps, key=kr, mflat=mflat, k=k, tol=tol,
+                                                 which=which, check_every=check_every)
+    theta, s, valid = _tridiag_eig(alpha, beta, m)
+    idx = _select(theta, k, which, valid)
+    lam = theta[idx]
+    Sk = s[:, idx]                                    # (S, k)
+    Sk_rows = jnp.zeros((Q.shape[0], k), Sk.dtype).at[:Sk.shape[0]].set(Sk)  # rows ≥ S of Q are unused
+    V = Sk_rows.T @ Q                                 # (k, n) Ritz vectors
+    est = jnp.abs(beta[m - 1] * Sk[m - 1]) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
+    info = SolverInfo(num_matvecs=m, num_iters=m, converged=converged, residual_estimates=est)
+    return lam, V, info
+
+
+# --------------------------------------------------------------------------- LOBPCG and randomized
+
+
+def _lobpcg_eigenpairs(mv, flat, mflat, k, key, max_iters, tol):
+    n = flat.shape[0]
+    if 5 * k >= n:
+        raise ValueError(f"method='lobpcg' needs 5k < n (got k={k}, n={n}); use method='lanczos'")
+    X = jax.vmap(lambda kk: _rand_like_flat(kk, flat, mflat), out_axes=1)(jax.random.split(key, k))
+    A = jax.vmap(mv, in_axes=1, out_axes=1)
+    # lobpcg's criterion: ‖Av − θv‖ < tol'·10·n·(θ + ‖Av‖) ≈ tol'·20·n·θ; ours: ‖Av − θv‖ ≤ tol·θ.
+    jtol = None if tol is None else tol / (20.0 * n)
+    theta, U, it = lobpcg_standard(A, X, m=max_iters, tol=jtol)
+    V = U.T
+    # jax's lobpcg applies A to the (n, 3k) block [X, P, R] and again to the new X every iteration,
+    # after A X once at the start: k + 4k·iterations matvecs
+    info = SolverInfo(num_matvecs=k + 4 * k * it, num_iters=it,
+                      converged=jnp.asarray(True) if tol is None else it < max_iters,
+                      residual_estimates=jnp.full((k,), jnp.nan, flat.dtype))
+    return theta, V, info
+
+
+def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, oversample):
+    """Randomized subspace iteration with Rayleigh–Ritz (block of b = k + oversample, vmapped matvecs).
+
+    Converges to the largest-|λ| eigenpairs (which="LA" equals "LM" for PSD operators such as F).
+    """
+    b = k + oversample
+    n = flat.shape[0]
+    if b > n:
+        b = n
+    mvb = jax.vmap(mv)
+    X0 = jax.vmap(lambda kk: _rand_like_flat(kk, flat, mflat))(jax.random.split(key, b))
+    X0 = orthonormal_rows(X0)
+    tiny = jnp.finfo(flat.dtype).tiny
+
+    def rr(X):
+        Y = mvb(X)                       # (b, n) = A X
+        T = X @ Y.T
+        T = 0.5 * (T + T.T)
+        theta, s = jnp.linalg.eigh(T)
+        idx = _select(theta, b, "LM" if which == "LM" else "LA")
+        theta, s = theta[idx], s[:, idx]
+        V = s.T @ X
+        AV = s.T @ Y
+        res = jnp.linalg.norm(AV - theta[:, None] * V, axis=1) / jnp.maximum(jnp.abs(theta), tiny)
+        return theta, V, AV, res
+
+    def cond(st):
+        i, _, res, _, _ = st
+        ok = jnp.asarray(False) if tol is None else jnp.all(res[:k] <= tol)
+        return (i < max_iters) & ~ok
+
+    def body(st):
+        i, X, _, _, _ = st
+        theta, V, AV, res = rr(X)
+        Xn = orthonormal_rows(AV)
+        return i + 1, Xn, res, theta, V
+
+    theta0 = jnp.zeros((b,), flat.dtype)
+    st = (jnp.asarray(0), X0, jnp.full((b,), jnp.inf, flat.dtype), theta0, jnp.zeros((b, n), flat.dtype))
+    it, X, _, _, _ = lax.while_loop(cond, body, st)
+    theta, V, _, res = rr(X)
+    idx = _select(theta, k, which)
+    info = SolverInfo(num_matvecs=(it + 1) * b, num_iters=it,
+                      converged=jnp.asarray(True) if tol is None else jnp.all(res[idx] <= tol),
+                      residual_estimates=res[idx])
+    return theta[idx], V[idx], info
+
+
+# --------------------------------------------------------------------------- public eigensolver
+
+
+def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key: jax.Array, method: str = "lanczos",
+                   num_steps: Optional[int] = None, tol: Optional[float] = None, which: str = "LA",
+                   mask: Optional[PyTree] = None, check_every: int = 1, max_iters: Optional[int] = None,
+                   oversample: int = 10, return_info: bool = False):
+    """Top-k eigenpairs of a symmetric operator A given as a pytree matvec (e.g. F·v or H·v at θ*).
+
+    A v_i = λ_i v_i, λ_1 ≥ … ≥ λ_k (which="LA": largest algebraic; "LM": largest |λ|, sorted by |λ|).
+
+    Call forms: ``top_eigenpairs(operator, k, key=...)`` with a LinearOperator, or
+    ``top_eigenpairs(matvec, like, k, key=...)`` with a matvec function.
+
+    Args:
+      matvec: a symmetric LinearOperator, or ``v -> A v`` on pytrees shaped like ``like`` (linear, symmetric).
+      like: a pytree fixing the structure, shapes and dtype (e.g. θ*); omitted with an operator.
+      k: number of eigenpairs (static).
+      key: PRNG key for the start vector(s).
+      method: "lanczos" (full re-orthogonalisation; Ritz vectors from eigh of the tridiagonal T_m;
+        memory (num_steps+1)·n), "lobpcg" (jax.experimental.sparse.linalg.lobpcg_standard on the
+        vmapped matvec; needs 5k < n; largest algebraic only) or "randomized" (subspace iteration on a
+        block of k + oversample vectors with the matvec vmapped over the block, Rayleigh–Ritz each
+        iteration; converges to the largest |λ|).
+      num_steps: Lanczos: the maximum Krylov dimension m (default min(n, max(3k, k + 40))). Without
+        ``tol`` exactly m steps are taken.
+      tol: relative residual target ‖Av − λv‖/|λ| for all k pairs; Lanczos stops at the first step
+        where its residual estimates β_m|e_mᵀ s_i|/|θ_i| meet it (checked every ``check_every``
+        steps), the others when their residuals do.
+      which: "LA" or "LM" (Lanczos and randomized; LOBPCG supports "LA" only).
+      mask: optional boolean pytree: the operator is restricted to the masked coordinates
+        (A_SS; start vectors and outputs masked).
+      max_iters: LOBPCG / randomized iteration limit (default 100 / 50).
+      return_info: also return a :class:`SolverInfo` (matvecs used, convergence).
+
+    Returns:
+      ``(eigvals (k,), eigvecs, residuals (k,))`` [+ ``info``]: eigvecs is a pytree shaped like
+      ``like`` with a leading axis k, orthonormal in the Euclidean inner product; residuals are the
+      exact relative residuals ‖A v_i − λ_i v_i‖/|λ_i| (k extra matvecs, vmapped).
+    """
+    if method not in ("lanczos", "lobpcg", "randomized"):
+        raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'randomized'; got {method!r}")
+    mv, flat, unravel, mflat, like, mask, k = operator_args(matvec, like, k, mask)
+    n = _check_common(k, which, like)
+    if method == "lobpcg" and which != "LA":
+        raise ValueError("method='lobpcg' finds the largest algebraic eigenvalues only (which='LA')")
+    if tol is not None and not tol > 0:
+        raise ValueError(f"tol must be positive; got {tol!r}")
+    if not jnp.issubdtype(flat.dtype, jnp.floating):
+        raise ValueError(f"the operator's vectors must be floating point; got {flat.dtype}")
+    if method == "lanczos":
+        if num_steps is None:
+            num_steps = min(n, max(3 * k, k + 40))
+        if not isinstance(num_steps, (int, np.integer)) or num_steps < k:
+            raise ValueError(f"num_steps must be an integer >= k={k}; got {num_steps!r}")
+        num_steps = min(int(num_steps), n)
+        lam, V, info = _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every)
+    elif method == "lobpcg":
+        lam, V, info = _lobpcg_eigenpairs(mv, flat, mflat, k, key, 100 if max_iters is None else max_iters, tol)
+    else:
+        lam, V, info = _randomized_eigenpairs(mv, flat, mflat, k, key, 50 if max_iters is None else max_iters,
+                                              tol, which, oversample)
+    AV = jax.vmap(mv)(V)
+    res = jnp.linalg.norm(AV - lam[:, None] * V, axis=1) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
+    out = (lam, _unravel_rows(unravel, V), res)
+    return out + (info,) if return_info else out
