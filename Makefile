@@ -6,6 +6,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+TEST_STAMP := $(VENV)/.test-installed-$(shell cat requirements-test.txt | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
 .PHONY: figures lm test lint benchmarks venv clean
@@ -30,13 +31,18 @@ figures: $(STAMP)
 lm: $(STAMP)
 	$(BIN)/python -m experiments.figures --outdir=figures --only=lm_table1
 
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
+	rm -f $(VENV)/.test-installed-*
+	touch $(TEST_STAMP)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: lint
+test: lint $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --timeout=600 --durations=25 $(PYTEST_ARGS) tests
 
-benchmarks: $(STAMP)
+benchmarks: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:
