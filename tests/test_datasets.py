@@ -2,6 +2,7 @@
 `datasets` where it applies), one-line errors naming file, line/record and field, SFT arrays against
 transformers' chat templates, and the tiny writers."""
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -90,51 +91,44 @@ def test_hub_layouts_json_variants_and_alias(tmp_path):
     assert D.load_records(str(tmp_path / "adv.csv"), "advbench") == [{"goal": "how to make bomb", "target": "ok"}]
 
 
+def _error(fn, *args, **kw):
+    """The one-line message of the DataError that fn(*args) raises."""
+    with pytest.raises(DataError) as e:
+        fn(*args, **kw)
+    return _one_line(e)
+
+
 def test_errors_name_file_place_and_field(tmp_path):
-    with pytest.raises(DataError, match=r"no gsm8k data in .*gsm8k\.jsonl") as e:
-        D.find_data_file(str(tmp_path), "gsm8k")
-    _one_line(e)
-    with pytest.raises(DataError, match="unknown schema 'mmlu'") as e:
-        D.load_task(str(tmp_path), "mmlu")
-    _one_line(e)
-    with pytest.raises(DataError, match="not a directory"):
-        D.load_task(str(tmp_path / "nope"), "gsm8k")
-    jl = tmp_path / "gsm8k.jsonl"
-    jl.write_text('{"question": "q1", "answer": "1"}\n\n{"question": "q2", "answer": "2"}\n{"question": "q3"}\n')
-    with pytest.raises(DataError) as e:
-        D.load_task(str(tmp_path), "gsm8k")
-    assert _one_line(e) == f"{jl}: line 4: record has no field 'answer' (a gsm8k record needs question, answer)"
-    jl.write_text('{"question": "q1", "answer": "1"}\n{"question": "q2", answer: 2}\n')
-    with pytest.raises(DataError, match=r"gsm8k\.jsonl: line 2: invalid JSON") as e:
-        D.load_task(str(tmp_path), "gsm8k")
-    _one_line(e)
-    csv_path = tmp_path / "samsum.csv"
-    csv_path.write_text('id,dialogue,summary\n1,"Tom: hi\nAnn: bye",greetings\n2,"Ann: x",\n3,d\n')
-    with pytest.raises(DataError) as e:   # the two-line field of record 1 shifts the line of record 3
-        D.load_records(str(csv_path), "samsum")
-    assert _one_line(e) == f"{csv_path}: line 5: field 'summary' is null"
-    csv_path.write_text('id,dialogue\n1,"Tom: hi\nAnn: bye"\n')
-    with pytest.raises(DataError, match=r"samsum\.csv: line 2: record has no field 'summary'") as e:
-        D.load_records(str(csv_path), "samsum")
-    _one_line(e)
-    pq_path = tmp_path / "alpaca.parquet"
-    pq.write_table(pa.table({"instruction": ["a", "c", "e"], "output": ["b", None, "f"]}), str(pq_path))
-    with pytest.raises(DataError) as e:
-        D.load_records(str(pq_path), "alpaca")
-    assert _one_line(e) == f"{pq_path}: record 1: field 'output' is null"
-    pq.write_table(pa.table({"instruction": ["a"], "output": [3]}), str(pq_path))
-    with pytest.raises(DataError, match="record 0: field 'output' must be a string, got int"):
-        D.load_records(str(pq_path), "alpaca")
-    js = tmp_path / "dolly.json"
-    json.dump([{"instruction": "i", "response": "r"}, ["not", "a", "record"]], open(js, "w"))
-    with pytest.raises(DataError, match=r"dolly\.json: record 1: a record must be an object") as e:
-        D.load_records(str(js), "dolly")
-    _one_line(e)
+    assert re.match(r"no gsm8k data in .*gsm8k\.jsonl", _error(D.find_data_file, str(tmp_path), "gsm8k"))
+    assert _error(D.load_task, str(tmp_path), "mmlu").startswith("unknown schema 'mmlu'")
+    assert "not a directory" in _error(D.load_task, str(tmp_path / "nope"), "gsm8k")
+    jl, csv_path, pq_path, js = (tmp_path / f for f in ("gsm8k.jsonl", "samsum.csv", "alpaca.parquet", "dolly.json"))
+    cases = [  # (file, content, task, message)
+        (jl, '{"question": "q1", "answer": "1"}\n\n{"question": "q2", "answer": "2"}\n{"question": "q3"}\n', "gsm8k",
+         f"{jl}: line 4: record has no field 'answer' (a gsm8k record needs question, answer)"),
+        (jl, '{"question": "q1", "answer": "1"}\n{"question": "q2", answer: 2}\n', "gsm8k",
+         f"{jl}: line 2: invalid JSON (Expecting property name enclosed in double quotes at column 20)"),
+        # the two-line field of record 1 shifts the line of record 3
+        (csv_path, 'id,dialogue,summary\n1,"Tom: hi\nAnn: bye",greetings\n2,"Ann: x",\n3,d\n', "samsum",
+         f"{csv_path}: line 5: field 'summary' is null"),
+        (csv_path, 'id,dialogue\n1,"Tom: hi\nAnn: bye"\n', "samsum",
+         f"{csv_path}: line 2: record has no field 'summary' (a samsum record needs dialogue, summary)"),
+        (pq_path, pa.table({"instruction": ["a", "c", "e"], "output": ["b", None, "f"]}), "alpaca",
+         f"{pq_path}: record 1: field 'output' is null"),
+        (pq_path, pa.table({"instruction": ["a"], "output": [3]}), "alpaca",
+         f"{pq_path}: record 0: field 'output' must be a string, got int"),
+        (js, json.dumps([{"instruction": "i", "response": "r"}, ["not", "a", "record"]]), "dolly",
+         f"{js}: record 1: a record must be an object with named fields, got list"),
+    ]
+    for path, content, task, message in cases:
+        if isinstance(content, pa.Table):
+            pq.write_table(content, str(path))
+        else:
+            path.write_text(content)
+        assert _error(D.load_records, str(path), task) == message
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(DataError, match="unknown data file type 'txt'"):
-        D.load_records(str(tmp_path / "notes.txt"), "dolly")
-    with pytest.raises(DataError, match="no such data file"):
-        D.load_records(str(tmp_path / "gone.jsonl"), "dolly")
+    assert "unknown data file type 'txt'" in _error(D.load_records, str(tmp_path / "notes.txt"), "dolly")
+    assert "no such data file" in _error(D.load_records, str(tmp_path / "gone.jsonl"), "dolly")
     # optional fields may be absent or null; the alpaca prompt then is the instruction alone
     recs = D.load_records(str(D.write_records(str(tmp_path / "a.jsonl"), [{"instruction": "x", "output": "y",
                                                                            "input": None}])), "alpaca")
