@@ -76,6 +76,8 @@ def test_hub_layouts_json_variants_and_alias(tmp_path):
         pq.write_table(pa.Table.from_pylist(part), str(tmp_path / "gsm8k" / "data" / f"train-0000{k}-of-00002.parquet"))
     assert [e.prompt for e in D.load_task(str(tmp_path), "gsm8k")] == [r["question"] for r in rows]
     assert len(D.load_task(str(tmp_path), "gsm8k", limit=5)) == 5
+    shards = D.find_data_file(str(tmp_path), "gsm8k")
+    assert shards.endswith("train-*.parquet") and D.read_records(shards) == rows
     (tmp_path / "dolly").mkdir()
     D.write_records(str(tmp_path / "dolly" / "train.csv"), D.tiny_records("dolly", 3))
     assert len(D.load_task(str(tmp_path), "dolly")) == 3

@@ -222,8 +222,21 @@ def _read(path: str, split: str = "train") -> Tuple[List, List[str]]:
                     "or a directory saved by datasets")
 
 
+def _shards(path: str) -> List[str]:
+    """The files of a glob pattern (several Parquet shards of one split), in order; else [path]."""
+    if "*" not in path:
+        return [path]
+    found = sorted(glob.glob(path))
+    if not found:
+        raise DataError(f"{path}: no file matches")
+    return found
+
+
 def read_records(path: str, *, split: str = "train") -> List[dict]:
-    """The raw records (dicts) of a data file or a ``datasets`` save_to_disk directory (``split`` of a dict)."""
+    """The raw records (dicts) of a data file, a glob pattern of shards, or a ``datasets`` save_to_disk
+    directory (``split`` of a DatasetDict)."""
+    if "*" in path:
+        return [r for shard in _shards(path) for r in read_records(shard, split=split)]
     records, where = _read(path, split)
     for rec, at in zip(records, where):
         if not isinstance(rec, dict):
@@ -232,9 +245,17 @@ def read_records(path: str, *, split: str = "train") -> List[dict]:
 
 
 def load_records(path: str, task: str, *, split: str = "train", limit: Optional[int] = None) -> List[dict]:
-    """Validated records of ``task``'s schema: every required field present and a string, optional fields
-    a string when present ('' when absent), column aliases renamed. At most ``limit`` records (the first)."""
+    """Validated records of ``task``'s schema, from any path :func:`read_records` takes: every required field
+    present and a string, optional fields a string when present ('' when absent or null), column aliases
+    renamed. At most ``limit`` records (the first)."""
     schema = _schema(task)
+    if "*" in path:
+        out = []
+        for shard in _shards(path):
+            if limit is not None and len(out) >= limit:
+                break
+            out += load_records(shard, task, split=split, limit=None if limit is None else limit - len(out))
+        return out
     records, where = _read(path, split)
     out = []
     for rec, at in zip(records if limit is None else records[:limit], where):
@@ -263,7 +284,8 @@ def load_records(path: str, task: str, *, split: str = "train", limit: Optional[
 
 
 def find_data_file(data_dir: str, task: str, split: str = "train") -> str:
-    """The file (or saved-dataset directory) holding ``task``'s ``split`` in ``data_dir`` (see module doc)."""
+    """The file, saved-dataset directory, or glob pattern of Parquet shards holding ``task``'s ``split`` in
+    ``data_dir`` (see module doc); what :func:`load_records` reads."""
     _schema(task)
     if not os.path.isdir(data_dir):
         raise DataError(f"data_dir {data_dir!r} is not a directory")
@@ -287,17 +309,6 @@ def find_data_file(data_dir: str, task: str, split: str = "train") -> str:
                     f"directory (saved by datasets, or with {split}.<ext> or {split}-*.parquet)")
 
 
-def _load_any(path: str, task: str, split: str, limit: Optional[int]) -> List[dict]:
-    if "*" in path:     # several Parquet shards of one split
-        out = []
-        for shard in sorted(glob.glob(path)):
-            out += load_records(shard, task, split=split, limit=None if limit is None else limit - len(out))
-            if limit is not None and len(out) >= limit:
-                break
-        return out
-    return load_records(path, task, split=split, limit=limit)
-
-
 def to_examples(records: Sequence[Mapping[str, str]], task: str, *, skip_blank: bool = True) -> List[Example]:
     """Examples of validated records: (prompt, response) by the schema's format, or (None, text) for plain text.
 
@@ -311,7 +322,7 @@ def to_examples(records: Sequence[Mapping[str, str]], task: str, *, skip_blank: 
 
 def load_task(data_dir: str, task: str, *, split: str = "train", limit: Optional[int] = None) -> List[Example]:
     """:func:`to_examples` of ``task``'s records found in ``data_dir`` (at most ``limit`` records read)."""
-    return to_examples(_load_any(find_data_file(data_dir, task, split), task, split, limit), task)
+    return to_examples(load_records(find_data_file(data_dir, task, split), task, split=split, limit=limit), task)
 
 
 def final_number(text: str) -> Optional[str]:
