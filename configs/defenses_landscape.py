@@ -4,11 +4,12 @@ defence (optax transformations, gradient descent on the clock t = η k) over a �
 Claim checked on the default landscape (lam, gamma): dynamic projection delays t* by ≥ dynamic_min_ratio (10×),
 static projection by < static_max_ratio (2×), and the Fisher penalty has a lower Δu than no defence at the task
 loss the undefended run has at its t*.
-Run (default, ≈20 s on 2 CPU cores, float64; the grid is vmapped and sharded over all devices, checkpointed per
-chunk, so a killed run resumes when the same command is run again):
+Run (default, ≈33 s on 2 CPU cores, 18 s of CPU time, mostly compilation; float64; the grid is vmapped and sharded
+over all devices, checkpointed per chunk, so a killed run resumes when the same command is run again):
     python -m experiments.run --config=configs/defenses_landscape.py --workdir=runs/defenses_landscape
     python -m experiments.run --config=configs/defenses_landscape.py:every=20,fisher_strength=30 --workdir=...
-Smoke (≈10 s): --config=configs/defenses_landscape.py:smoke.   GPU/TPU: :large.
+Smoke (≈30 s, 17 s of CPU time: as much compilation, less descent): --config=configs/defenses_landscape.py:smoke.
+GPU/TPU: :large.
 Fields: defenses (names of the registry dynamics.defenses.DEFENSES; none first), lams, gammas (the grid axes), lam,
 gamma (the default landscape), policy_curvature (κ: the rotation of the sensitive subspace that a static
 projection cannot see), tail_coupling, lr (η of gradient descent), every (K, the refresh period of the dynamic
