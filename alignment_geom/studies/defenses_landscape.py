@@ -36,7 +36,9 @@ static 3.97 (t* ×1.41, the law's √2), coupling suppression 3.96 (×1.41), Fis
 0.1%; the dynamic projection's t² coefficient is 0.89 τ² a4_curv (the task gradient G + h_w w shrinks along the path
 and the logits drift in a sawtooth between refreshes). Beyond t ≈ 0.5 the dynamic projection's Δu grows slower than
 t²: the subspace has rotated into the task direction (∇ζ_i ∋ κ_i w e_w), the projection removes most of the task
-gradient and the task stalls (L ≈ −1.3 instead of −5), so its t* (2.44) comes later than the t² law's (1.23).
+gradient and the task nearly stops (L(4) = −1.43, against −2.75 under the static projection and −5.5 undefended;
+the ∇Δu penalty stops at the same −1.43: both hold the logits), so its t* (2.44) comes later than the t² law's
+(1.23).
 Run: ``python -m experiments.run --config=configs/defenses_landscape.py --workdir=runs/defenses_landscape`` (the
 config's docstring gives the fields and the measured runtime).
 results: ``defenses`` {name: {exponent, tstar, tstar_ratio, task_loss_at_tstar, task_progress_at_tstar,
