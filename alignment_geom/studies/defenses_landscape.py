@@ -76,6 +76,7 @@ from alignment_geom.tree import tree_random_normal
 
 THEORY = True
 ARTIFACTS = ("defenses_landscape.png",)
+COST_ESTIMATORS = ("factor", "lanczos", "randomized", "tracking")
 
 LABELS = {"none": "no defence", "static_projection": r"static: $(I-P(\theta^*))\,g$",
           "dynamic_projection": r"dynamic: $(I-P(\theta_r))\,g$, every $K$", "fisher_penalty": r"Fisher penalty",
@@ -104,9 +105,9 @@ def validate(config):
     for f in ("estimator",):
         harness.require_choice(config, f, tuple(k for k in ESTIMATORS if k in ("factor", "lanczos", "randomized")))
     for e in config.cost_estimators:
-        if e not in ("factor", "lanczos", "randomized"):
-            raise harness.ConfigError("cost_estimators", tuple(config.cost_estimators), "names among factor, "
-                                                                                      "lanczos, randomized")
+        if e not in COST_ESTIMATORS:
+            raise harness.ConfigError("cost_estimators", tuple(config.cost_estimators),
+                                      "names among " + ", ".join(COST_ESTIMATORS))
     if config.lr * 20 >= config.t_max:
         raise harness.ConfigError("lr", config.lr, f"a step size with 20 η < t_max={config.t_max}")
 
@@ -203,8 +204,9 @@ def _window(ts, du_none, lr):
 def refresh_costs(config, ls, t, theta) -> dict:
     """Matvecs, time per refresh (median of ``cost_repeats``) and accuracy (largest principal angle to the exact
     subspace) of one dynamic-projection refresh on the default landscape at ``theta`` (undefended descent at time
-    ``t``): cold (random start) and warm-started from the exact subspace one refresh period earlier; and the time
-    of one gradient for scale."""
+    ``t``), for each of ``config.cost_estimators`` (factor: exact SVD of the Fisher factor; lanczos, randomized: to
+    a relative residual 1e-10; tracking: one randomized block iteration of d + 2 products): cold (random start)
+    and warm-started from the exact subspace one refresh period earlier; and the time of one gradient for scale."""
     d, every = int(config.d), int(config.every)
     # the subspace one refresh period (K steps of η) earlier: θ moves by ≈ K η g per period
     prev = jax.tree_util.tree_map(lambda a, b: a - every * float(config.lr) * b, theta,
@@ -216,9 +218,11 @@ def refresh_costs(config, ls, t, theta) -> dict:
     grad = jax.jit(jax.grad(landscape_loss))
     out = {"t": float(t), "gradient_seconds": _median_time(lambda: grad(theta, ls.batch), config.cost_repeats)}
     for name in config.cost_estimators:
-        est = fisher_estimator(name, tol=1e-10)
-        f = jax.jit(lambda p, init, est=est: estimate_subspace(ls.problem.replace(params=p), d, est,
-                                                               jax.random.PRNGKey(2), init=init))
+        # "tracking": one block iteration of d + 2 Fisher products from the start block (then Rayleigh–Ritz)
+        est = fisher_estimator("randomized" if name == "tracking" else name, tol=None if name == "tracking" else 1e-10)
+        kw = dict(max_iters=1, oversample=2) if name == "tracking" else {}
+        f = jax.jit(lambda p, init, est=est, kw=kw: estimate_subspace(ls.problem.replace(params=p), d, est,
+                                                                      jax.random.PRNGKey(2), init=init, **kw))
         for mode, init in (("cold", cold), ("warm", warm)):
             if name == "factor" and mode == "warm":
                 continue

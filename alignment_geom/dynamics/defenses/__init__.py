@@ -1,5 +1,5 @@
 """Defences of the sensitive subspace during fine-tuning: optax transformations, their gradient-flow velocities,
-and one registry by name (paper §4–6; figure 7 and the defences landscape study).
+and one registry by name (docs/paper_notes.md §4 and §7; figure 7 and the defences landscape study).
 
 Each defence is an ``optax.GradientTransformation`` that maps the update g (the fine-tuning gradient when it comes
 first in the chain) to a defended update g̃, under jit, with masks (the :class:`~alignment_geom.problem.Problem`'s

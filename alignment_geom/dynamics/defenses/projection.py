@@ -117,15 +117,19 @@ def refresh_cost(estimator, problem: Problem, d: int) -> int:
 
 
 def estimate_subspace(problem: Problem, d: int, estimator, key, init: Optional[PyTree] = None,
-                      num_steps: Optional[int] = None, tol: Optional[float] = None):
+                      num_steps: Optional[int] = None, tol: Optional[float] = None, max_iters: Optional[int] = None,
+                      oversample: int = 10):
     """The top-d Fisher subspace at ``problem.params``: (basis (d, …), eigvals (d,), matvecs).
 
     ``estimator``: an :mod:`alignment_geom.aic` Fisher estimator (None: TrueFisher() when the problem has
     logits_fn, else EmpiricalFisher()). TrueFisher/EmpiricalFisher with method "lanczos" or "randomized" run
     ``linalg.top_eigenpairs`` on the Fisher operator at θ, warm-started from ``init`` (the previous basis) when
     given, and return the solver's matvec count (+ d for the exact residuals); ``num_steps`` / ``tol`` override
-    the estimator's. Any other estimator (TrueFisher("factor"), EmpiricalFisher("gram"), RandomSubspace(k)) is
-    solved cold by its own ``subspace`` and costs :func:`refresh_cost`. Pure and jittable.
+    the estimator's; ``max_iters`` / ``oversample`` set the "randomized" block iteration (``max_iters=1``,
+    ``oversample`` small and a warm ``init``: subspace tracking, one block of d + oversample Fisher products and a
+    Rayleigh–Ritz step per iteration, the cheapest refresh when the subspace moved little). Any other estimator
+    (TrueFisher("factor"), EmpiricalFisher("gram"), RandomSubspace(k)) is solved cold by its own ``subspace`` and
+    costs :func:`refresh_cost`. Pure and jittable.
     """
     est = _default_estimator(problem, estimator)
     if _krylov(est):
@@ -133,15 +137,15 @@ def estimate_subspace(problem: Problem, d: int, estimator, key, init: Optional[P
         steps = est.num_steps if num_steps is None else num_steps
         tol = est.tol if tol is None else tol
         lam, basis, _, info = top_eigenpairs(op, d, key=key, method=est.method, num_steps=steps, tol=tol,
-                                             init=init, return_info=True)
+                                             init=init, max_iters=max_iters, oversample=oversample, return_info=True)
         return basis, lam, jnp.asarray(info.num_matvecs + d, jnp.int32)
     sub, _ = est.subspace(problem, d, key)
     return sub.basis, sub.eigvals, jnp.asarray(refresh_cost(est, problem, d), jnp.int32)
 
 
 def dynamic_projection(problem: Problem, d: int, *, every: int = 1, estimator=None, warm: bool = True,
-                       num_steps: Optional[int] = None, tol: Optional[float] = None,
-                       key: Optional[jax.Array] = None) -> optax.GradientTransformation:
+                       num_steps: Optional[int] = None, tol: Optional[float] = None, max_iters: Optional[int] = None,
+                       oversample: int = 10, key: Optional[jax.Array] = None) -> optax.GradientTransformation:
     """Dynamic projection: g̃ = (I − P(θ_r)) g with P(θ_r) the top-d Fisher subspace re-estimated at the current
     parameters θ_r every ``every`` = K steps.
 
@@ -150,9 +154,10 @@ def dynamic_projection(problem: Problem, d: int, *, every: int = 1, estimator=No
     replaced by the current θ at every refresh. ``init(params)`` estimates P(params) cold (at θ* when training
     starts); ``update(updates, state, params)`` refreshes at step counts k = K, 2K, … (a ``lax.cond``, so the
     refresh is paid only on those steps under jit; under vmap both branches run) and projects. ``estimator`` and
-    ``num_steps``/``tol``: see :func:`estimate_subspace`; ``warm`` starts a Krylov refresh from the previous basis
-    (few steps when the subspace moved little). The cost of the refreshes is in the state (``refreshes``,
-    ``matvecs``); the landscape study times one refresh.
+    ``num_steps``/``tol``/``max_iters``/``oversample``: see :func:`estimate_subspace`; ``warm`` starts a Krylov
+    refresh from the previous basis (with a ``tol``, fewer steps when the subspace moved little; with
+    TrueFisher("randomized") and ``max_iters=1``, one tracking iteration of d + oversample products). The cost of
+    the refreshes is in the state (``refreshes``, ``matvecs``); the landscape study times one refresh.
 
     K → 0 is the flow θ̇ = −(I − P(θ)) ∇L(θ) of ``dynamic_projection_defense`` (``flow_velocity`` of this
     transformation with the "factor" estimator).
@@ -173,7 +178,7 @@ def dynamic_projection(problem: Problem, d: int, *, every: int = 1, estimator=No
 
     def estimate(params, k, init):
         basis, lam, mv = estimate_subspace(problem.replace(params=params), d, est, k, init=init, num_steps=num_steps,
-                                           tol=tol)
+                                           tol=tol, max_iters=max_iters, oversample=oversample)
         return apply_mask(problem.mask, basis), lam, mv     # exactly zero on frozen leaves
 
     def init(params):

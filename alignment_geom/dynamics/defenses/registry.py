@@ -12,7 +12,7 @@ and eigenvalues), then its own keyword options:
     none                  —
     static_projection     —
     dynamic_projection    every (K, steps), estimator (a name of :data:`ESTIMATORS` or an estimator), warm,
-                          num_steps, tol, key
+                          num_steps, tol, max_iters, oversample, key, sketch_dim
     fisher_penalty        strength (λ_reg), fisher ("exact": F(θ*) products; "subspace": Σ_j λ_j u_j u_jᵀ)
     utility_penalty       strength (λ_reg)
     coupling_suppression  —
@@ -58,12 +58,12 @@ def _static(problem, subspace):
     return static_projection(subspace)
 
 
-def _dynamic(problem, subspace, *, every=1, estimator="lanczos", warm=True, num_steps=None, tol=None, key=None,
-             sketch_dim=4096):
+def _dynamic(problem, subspace, *, every=1, estimator="lanczos", warm=True, num_steps=None, tol=None, max_iters=None,
+             oversample=10, key=None, sketch_dim=4096):
     est = fisher_estimator(estimator, tol=tol, num_steps=num_steps, sketch_dim=sketch_dim) if isinstance(
         estimator, str) else estimator
     return dynamic_projection(problem, int(subspace.eigvals.shape[-1]), every=every, estimator=est, warm=warm,
-                              key=key)
+                              max_iters=max_iters, oversample=oversample, key=key)
 
 
 def _fisher(problem, subspace, *, strength=1.0, fisher="exact"):
