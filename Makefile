@@ -22,8 +22,8 @@ $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-# The main job: the nine scaling-law figures, then the Section-7 transformer study (figures 10-11, Table 1),
-# one loop over the study registry. Exit status 1 if any study fails or disagrees with its expected number.
+# The main job: the nine scaling-law figures, the defences landscape study, then the Section-7 transformer study
+# (figures 10-11, Table 1), one loop over the study registry. Exit status 1 if any study fails or disagrees with its expected number.
 figures: $(STAMP)
 	$(BIN)/python -m experiments.figures --outdir=figures
 

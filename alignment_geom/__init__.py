@@ -50,6 +50,7 @@ from alignment_geom.dynamics import (
     discrete_path,
     dynamic_projection_defense,
     gradient_flow,
+    make_defense,
     projection_defense,
     record_path,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "SensitiveSubspace", "TrueFisher", "EmpiricalFisher", "RandomSubspace", "OperatorFisher", "sensitive_subspace",
     "measure", "AICReport", "overlap_score",
     "gradient_flow", "discrete_path", "projection_defense", "dynamic_projection_defense", "record_path",
+    "make_defense",
     "Landscape", "make_landscape", "landscape_grid",
     "local_slope", "onset_window", "fit_coefficient", "collapse_time", "power_law_fit",
 ]

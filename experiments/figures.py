@@ -1,4 +1,5 @@
-"""The main job: every study (the nine theory figures, then the Section-7 study), then the summary table.
+"""The main job: every study (the nine theory figures, the defences landscape study, then the Section-7 study), then
+the summary table.
 
     python -m experiments.figures --outdir=figures [--preset=default|smoke|large] [--only=a,b] [--overwrite]
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.sparse.linalg import lobpcg_standard
+from jax.flatten_util import ravel_pytree
 
 from alignment_geom.linalg.operator import operator_args
 from alignment_geom.linalg.subspace import orthonormal_rows
@@ -204,9 +205,15 @@ def _tridiag_eig(alpha, beta, m):
     return theta, s, valid
 
 
-def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every):
+def _warm_vector(key, flat, mflat, X):
+    """A start vector in span of the rows of X (b, n): Σ_i c_i x_i with Gaussian weights c (masked)."""
+    q = jax.random.normal(key, (X.shape[0],), flat.dtype) @ X.astype(flat.dtype)
+    return q if mflat is None else q * mflat
+
+
+def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0=None):
     kq, kr = jax.random.split(key)
-    q0 = _rand_like_flat(kq, flat, mflat)
+    q0 = _rand_like_flat(kq, flat, mflat) if X0 is None else _warm_vector(kq, flat, mflat, X0)
     alpha, beta, Q, m, converged = _lanczos_core(mv, q0, num_steps, key=kr, mflat=mflat, k=k, tol=tol,
                                                  which=which, check_every=check_every)
     theta, s, valid = _tridiag_eig(alpha, beta, m)
@@ -241,10 +248,11 @@ def _lobpcg_eigenpairs(mv, flat, mflat, k, key, max_iters, tol):
     return theta, V, info
 
 
-def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, oversample):
+def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, oversample, X_init=None):
     """Randomized subspace iteration with Rayleigh–Ritz (block of b = k + oversample, vmapped matvecs).
 
-    Converges to the largest-|λ| eigenpairs (which="LA" equals "LM" for PSD operators such as F).
+    Converges to the largest-|λ| eigenpairs (which="LA" equals "LM" for PSD operators such as F). ``X_init``
+    (r, n): warm start, the first min(r, b) rows of the start block (the rest random).
     """
     b = k + oversample
     n = flat.shape[0]
@@ -252,6 +260,10 @@ def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, overs
         b = n
     mvb = jax.vmap(mv)
     X0 = jax.vmap(lambda kk: _rand_like_flat(kk, flat, mflat))(jax.random.split(key, b))
+    if X_init is not None:
+        r = min(X_init.shape[0], b)
+        Xi = X_init[:r].astype(flat.dtype)
+        X0 = X0.at[:r].set(Xi if mflat is None else Xi * mflat)
     X0 = orthonormal_rows(X0)
     tiny = jnp.finfo(flat.dtype).tiny
 
@@ -295,7 +307,7 @@ def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, overs
 def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key: jax.Array, method: str = "lanczos",
                    num_steps: Optional[int] = None, tol: Optional[float] = None, which: str = "LA",
                    mask: Optional[PyTree] = None, check_every: int = 1, max_iters: Optional[int] = None,
-                   oversample: int = 10, return_info: bool = False):
+                   oversample: int = 10, init: Optional[PyTree] = None, return_info: bool = False):
     """Top-k eigenpairs of a symmetric operator A given as a pytree matvec (e.g. F·v or H·v at θ*).
 
     A v_i = λ_i v_i, λ_1 ≥ … ≥ λ_k (which="LA": largest algebraic; "LM": largest |λ|, sorted by |λ|).
@@ -322,6 +334,9 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
       mask: optional boolean pytree: the operator is restricted to the masked coordinates
         (A_SS; start vectors and outputs masked).
       max_iters: LOBPCG / randomized iteration limit (default 100 / 50).
+      init: optional warm start, a pytree shaped like ``like`` with a leading axis r (e.g. the eigvecs of an
+        earlier call at a nearby operator): Lanczos starts from a random combination Σ_i c_i x_i of its rows,
+        "randomized" puts them first in its start block. Not for LOBPCG. None = a random start.
       return_info: also return a :class:`SolverInfo` (matvecs used, convergence).
 
     Returns:
@@ -333,6 +348,14 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
         raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'randomized'; got {method!r}")
     mv, flat, unravel, mflat, like, mask, k = operator_args(matvec, like, k, mask)
     n = _check_common(k, which, like)
+    X0 = None
+    if init is not None:
+        if method == "lobpcg":
+            raise ValueError("init (a warm start) is supported by method='lanczos' and 'randomized', not 'lobpcg'")
+        X0 = jax.vmap(lambda v: ravel_pytree(v)[0])(init)
+        if X0.ndim != 2 or X0.shape[1] != flat.shape[0]:
+            raise ValueError(f"init must be a pytree like the operator's vectors with a leading axis; got rows of "
+                             f"size {X0.shape[1:]} for n={flat.shape[0]}")
     if method == "lobpcg" and which != "LA":
         raise ValueError("method='lobpcg' finds the largest algebraic eigenvalues only (which='LA')")
     if tol is not None and not tol > 0:
@@ -345,12 +368,12 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
         if not isinstance(num_steps, (int, np.integer)) or num_steps < k:
             raise ValueError(f"num_steps must be an integer >= k={k}; got {num_steps!r}")
         num_steps = min(int(num_steps), n)
-        lam, V, info = _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every)
+        lam, V, info = _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0)
     elif method == "lobpcg":
         lam, V, info = _lobpcg_eigenpairs(mv, flat, mflat, k, key, 100 if max_iters is None else max_iters, tol)
     else:
         lam, V, info = _randomized_eigenpairs(mv, flat, mflat, k, key, 50 if max_iters is None else max_iters,
-                                              tol, which, oversample)
+                                              tol, which, oversample, X0)
     AV = jax.vmap(mv)(V)
     res = jnp.linalg.norm(AV - lam[:, None] * V, axis=1) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
     out = (lam, _unravel_rows(unravel, V), res)

@@ -1,9 +1,17 @@
-"""Velocity hooks for gradient_flow / discrete_path that defend the sensitive subspace (figure 7).
+"""Velocity hooks for gradient_flow / discrete_path that defend the sensitive subspace (figure 7), and the
+gradient-flow velocity of any defence written as an optax transformation.
 
     projection_defense(basis) -> velocity                  static: θ̇ = −(I − P(θ*)) ∇L(θ)
     dynamic_projection_defense(logits_fn, inputs, d) -> velocity
                                                            dynamic: θ̇ = −(I − P(θ)) ∇L(θ), P(θ) recomputed
+    flow_velocity(tx) -> velocity                          θ̇ = −T_θ(∇L(θ)), T_θ = tx.update with tx.init(θ)
 A velocity is ``velocity(θ, grad) -> θ̇``, with grad = ∇L(θ) (already masked).
+
+Relation to the transformations of this package: ``flow_velocity(static_projection(basis))`` is
+``projection_defense(basis)``, and ``flow_velocity(dynamic_projection(problem, d, estimator=TrueFisher("factor")))``
+is ``dynamic_projection_defense(problem.logits_fn, problem.inputs, d)`` (the K → 0 limit of a refresh every K
+steps); gradient descent with ``optax.chain(tx, optax.sgd(η))`` is the forward-Euler discretisation of that flow
+on the clock t = η k.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from alignment_geom.tree import tree_scale
 
 PyTree = Any
 
-__all__ = ["projection_defense", "dynamic_projection_defense"]
+__all__ = ["projection_defense", "dynamic_projection_defense", "flow_velocity"]
 
 
 def projection_defense(basis: PyTree) -> Callable:
@@ -40,5 +48,22 @@ def dynamic_projection_defense(logits_fn: Callable, inputs: Any, d: int, mask: O
     def velocity(params, grad):
         basis, _ = top_fisher_subspace(logits_fn, params, inputs, d, mask)
         return tree_scale(-1.0, project_out(basis, grad))
+
+    return velocity
+
+
+def flow_velocity(tx) -> Callable:
+    """The gradient-flow velocity of a defence transformation: θ̇ = −T_θ(∇L(θ)).
+
+    ``tx`` is an ``optax.GradientTransformation`` whose update maps a gradient to a defended gradient (the
+    transformations of :mod:`alignment_geom.dynamics.defenses`). Its state is initialised afresh at the current
+    θ on every call: stateless defences (projections, penalties, coupling suppression) give their exact flow,
+    and a dynamic projection gives the flow that re-estimates P(θ) at every evaluation. Returns
+    ``velocity(params, grad)`` for gradient_flow / discrete_path.
+    """
+
+    def velocity(params, grad):
+        upd, _ = tx.update(grad, tx.init(params), params)
+        return tree_scale(-1.0, upd)
 
     return velocity
