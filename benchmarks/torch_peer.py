@@ -16,7 +16,8 @@ Two comparisons, both on the exact weights and data of benchmarks/models.py:
   c₃, which alignment-risk does not. Float64 on both
   sides, so the agreement (eigenvalues, ε̂ = eps_F, γ̂ = gamma_F) is checked to 1e-5 relative.
 
-torch comes with requirements-test.txt (`make benchmarks` installs it); without it the section reports ``skipped`` with the reason.
+torch comes with requirements-test.txt (`make benchmarks` installs it); without it the section reports ``skipped``
+with the reason.
 Run alone: ``python -m benchmarks.torch_peer [--quick] [--json PATH]``.
 """
 from __future__ import annotations
