@@ -12,6 +12,7 @@
 from alignment_geom.models import generation, hf, llama, lora, memory, objectives, transformer
 from alignment_geom.models.generation import generate
 from alignment_geom.models.hf import (
+    fsdp_config,
     load_lora_adapter,
     load_pretrained,
     param_shardings,
@@ -45,6 +46,7 @@ __all__ = ["transformer", "lora", "llama", "hf", "objectives", "generation", "me
            "LoRAConfig", "LLAMA_LORA_TARGETS", "init_lora", "merge_lora", "lora_tree", "lora_mask",
            "lora_merged_params",
            "LlamaConfig", "Llama3RoPE", "init_llama", "forward", "hidden_states", "lm_head",
-           "load_pretrained", "save_pretrained", "param_shardings", "save_lora_adapter", "load_lora_adapter",
+           "load_pretrained", "save_pretrained", "param_shardings", "fsdp_config", "save_lora_adapter",
+           "load_lora_adapter",
            "make_batch", "sft_loss", "completion_logprob", "completion_logits", "lm_problem", "LMFunction",
            "generate", "estimate_memory", "MemoryEstimate"]

@@ -11,7 +11,8 @@ No torch or transformers at run time: configs are parsed here, tensors are read 
   ``jax.make_array_from_callback``: each device's block is read from the file as a slice, never the whole tensor
   onto one device. FSDP-style layout (:func:`param_specs`): each matrix is split over the mesh axis along its
   first non-layer dimension (the output features of a projection, the vocabulary of the embedding) when that
-  divides, else along its second; vectors (RMSNorm weights) are replicated.
+  divides, else along its second; vectors (RMSNorm weights) are replicated. :func:`fsdp_config` also splits
+  the batch of the activations over that axis.
 * :func:`save_pretrained` — (cfg, params) → a directory transformers loads (sharded with an index above
   ``max_shard_size``).
 * :func:`save_lora_adapter` / :func:`load_lora_adapter` — LoRA adapters in the PEFT format
@@ -42,8 +43,8 @@ from alignment_geom.models.lora import LoRAConfig
 PyTree = Any
 
 __all__ = ["GLOBAL_NAMES", "LAYER_NAMES", "DTYPES", "config_from_hf", "config_to_hf", "read_config", "param_specs",
-           "param_shardings", "load_pretrained", "save_pretrained", "save_lora_adapter", "load_lora_adapter",
-           "hf_names"]
+           "param_shardings", "fsdp_config", "load_pretrained", "save_pretrained", "save_lora_adapter",
+           "load_lora_adapter", "hf_names"]
 
 GLOBAL_NAMES = {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 LAYER_NAMES = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
@@ -244,6 +245,14 @@ def param_shardings(cfg: LlamaConfig, mesh: Mesh, axis: Optional[str] = None) ->
     ax = _mesh_axis(mesh, axis)
     specs = param_specs(cfg, int(mesh.shape[ax]), ax)
     return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def fsdp_config(cfg: LlamaConfig, mesh: Mesh, axis: Optional[str] = None) -> LlamaConfig:
+    """cfg with the hidden states' batch split over the parameters' mesh axis (``cfg.activation_sharding``):
+    the FSDP layout, where each layer's weights are gathered inside the layer loop. The batch must divide by
+    the axis size."""
+    ax = _mesh_axis(mesh, axis)
+    return dataclasses.replace(cfg, activation_sharding=NamedSharding(mesh, P(ax)))
 
 
 # --------------------------------------------------------------------------- loading

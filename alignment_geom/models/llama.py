@@ -13,7 +13,8 @@ matrices in the Hugging Face (out, in) layout, so y = x Wᵀ; the L layers stack
             mlp_norm (L, D)   gate, up (L, I, D)  down (L, D, I)
 
 Numerics follow the reference implementation: RMSNorm in float32 then cast back, the RoPE tables in float32
-then cast to the activations' dtype, attention scores in the activations' dtype with the softmax in float32.
+then cast to the activations' dtype, attention scores in the activations' dtype with the (additive) padding
+mask and the softmax in float32.
 The output projection accumulates in float32 (float64 for float64 parameters), so :func:`forward` returns
 float32 logits for bfloat16 or float32 parameters.
 
@@ -37,7 +38,8 @@ PyTree = Any
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "Llama3RoPE", "LlamaConfig", "init_params", "forward",
            "hidden_states", "lm_head", "param_count", "param_shapes", "rope_inv_freq", "rope_tables",
-           "positions_from_mask", "causal_allowed", "decoder", "rms_norm", "PROJECTIONS"]
+           "positions_from_mask", "causal_allowed", "decoder", "rms_norm", "softmax", "silu",
+           "PROJECTIONS"]
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
 REMAT_POLICIES = ("full", "dots", "none")
@@ -60,6 +62,10 @@ class LlamaConfig:
 
     ``remat`` is the rematerialisation policy of each block (one of REMAT_POLICIES); change it with
     ``dataclasses.replace(cfg, remat="dots")``. ``eos_token_id`` is a tuple (generation stops at any of them).
+    ``activation_sharding``: None, or a ``jax.sharding.NamedSharding`` for the (B, T, D) hidden states that
+    every block input is constrained to — ``NamedSharding(mesh, P(axis))`` splits the batch over the axis the
+    parameters are sharded over (FSDP), so XLA gathers each layer's weights inside the layer loop instead of
+    gathering the activations (the batch must then divide by the axis size).
     """
     vocab_size: int
     hidden_size: int
@@ -78,6 +84,7 @@ class LlamaConfig:
     eos_token_id: Tuple[int, ...] = ()
     pad_token_id: Optional[int] = None
     remat: str = "full"
+    activation_sharding: Any = None
 
     def __post_init__(self):
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -182,6 +189,36 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+@jax.custom_jvp
+def softmax(s):
+    """softmax over the last axis, p = exp(s − max s) / Σ exp(s − max s).
+
+    Its derivative is written in terms of p alone (ṗ = p ⊙ (ṡ − ⟨p, ṡ⟩)), so reverse mode saves one tensor
+    (p) per attention instead of the scores, their exponentials and p; it composes to any order."""
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (s,), (t,) = primals, tangents
+    p = softmax(s)
+    return p, p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
+
+
+@jax.custom_jvp
+def silu(x):
+    """x σ(x); the derivative σ(x)(1 + x(1 − σ(x))) is the only tensor reverse mode saves."""
+    return x * jax.nn.sigmoid(x)
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    sg = jax.nn.sigmoid(x)
+    return x * sg, t * (sg * (1 + x * (1 - sg)))
+
+
 def positions_from_mask(attention_mask, T: int):
     """Position ids (B, T): cumsum(mask) − 1 (padding tokens get 0), so left padding does not shift positions."""
     if attention_mask is None:
@@ -236,12 +273,13 @@ def _block(cfg: LlamaConfig, h, lp, lora, lora_scale, cos, sin, allowed, kv=None
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, at, zero, zero))
     qg = q.reshape(B, T, K, G, d)
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k) * (d ** -0.5)
-    s = jnp.where(allowed[:, None, None], s, jnp.asarray(jnp.finfo(s.dtype).min, s.dtype))
-    p = jax.nn.softmax(s.astype(jnp.promote_types(s.dtype, jnp.float32)), axis=-1).astype(q.dtype)
+    sf = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+    bias = jnp.where(allowed, jnp.zeros((), sf.dtype), jnp.finfo(sf.dtype).min)  # additive mask, as the reference
+    p = softmax(sf + bias[:, None, None]).astype(q.dtype)
     att = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H * d)
     h = h + _proj(att, lp, lora, "o", lora_scale)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    mlp = jax.nn.silu(_proj(x, lp, lora, "gate", lora_scale)) * _proj(x, lp, lora, "up", lora_scale)
+    mlp = silu(_proj(x, lp, lora, "gate", lora_scale)) * _proj(x, lp, lora, "up", lora_scale)
     h = h + _proj(mlp, lp, lora, "down", lora_scale)
     return h, (None if kv is None else (k, v))
 
@@ -258,6 +296,8 @@ def decoder(cfg: LlamaConfig, params: PyTree, h, cos, sin, allowed, *, lora=None
 
     def body(h, xs):
         lp, la, kv = xs
+        if cfg.activation_sharding is not None:
+            h = jax.lax.with_sharding_constraint(h, cfg.activation_sharding)
         return _block(cfg, h, lp, la, lora_scale, cos, sin, allowed, kv, index)
 
     if cfg.remat != "none":

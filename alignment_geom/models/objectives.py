@@ -15,6 +15,8 @@ position are never formed.
 * :func:`completion_logits` z (B, K, V) at the completion positions (the policy of the true Fisher F and of
   Δu = KL(π_θ* ‖ π_θ)); padded completion slots get constant zero logits (J = 0 there), so F and Δu are
   (Σ w)/(B·K) times their means over real tokens, and exactly those means when every completion has K tokens;
+* ``chunk`` (loss and log-likelihoods): the logits are formed ``chunk`` positions at a time under
+  ``jax.checkpoint``, so at most (B, chunk, V) of them exist, in the backward pass too;
 * :func:`lm_problem` — a :class:`~alignment_geom.problem.Problem` from a fine-tuning batch and a safety batch,
   full-parameter or LoRA (θ = {"base", "lora"} with the adapter mask).
 
@@ -76,18 +78,21 @@ def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[
     return {"tokens": tokens, "attention_mask": mask, "pos": pos, "targets": targets, "weights": weights}
 
 
-def apply_model(cfg: LlamaConfig, params: PyTree, tokens, attention_mask=None, lora: Optional[LoRAConfig] = None):
-    """Final hidden states (B, T, D) and the parameters that hold the output projection."""
+def apply_model(cfg: LlamaConfig, params: PyTree, tokens, attention_mask=None, lora: Optional[LoRAConfig] = None,
+                freeze_base: bool = False):
+    """Final hidden states (B, T, D) and the parameters that hold the output projection. ``freeze_base``
+    (LoRA): θ₀ under stop_gradient, so no derivative with respect to it is formed."""
     if lora is None:
         return hidden_states(cfg, params, tokens, attention_mask=attention_mask), params
-    base = params["base"]
+    base = jax.lax.stop_gradient(params["base"]) if freeze_base else params["base"]
     h = hidden_states(cfg, base, tokens, attention_mask=attention_mask, lora=params["lora"], lora_scale=lora.scale)
     return h, base
 
 
-def completion_logits(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None):
+def completion_logits(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None,
+                      freeze_base: bool = False):
     """z (B, K, V): next-token logits at the completion positions ``pos`` (zeros, constant, on padded slots)."""
-    h, head = apply_model(cfg, params, batch["tokens"], batch.get("attention_mask"), lora)
+    h, head = apply_model(cfg, params, batch["tokens"], batch.get("attention_mask"), lora, freeze_base)
     pos = jnp.asarray(batch["pos"])
     hk = jnp.take_along_axis(h, pos[:, :, None], axis=1)
     z = lm_head(cfg, head, hk)
@@ -95,22 +100,51 @@ def completion_logits(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optio
     return jnp.where(w[:, :, None] > 0, z, jnp.zeros((), z.dtype))
 
 
-def token_logprobs(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None):
-    """w_k · log π_θ(y_k | x, y_<k), shape (B, K) (0 on padded slots)."""
-    z = completion_logits(cfg, params, batch, lora)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    zy = jnp.take_along_axis(z, jnp.asarray(batch["targets"])[:, :, None], axis=-1)[..., 0]
-    return (zy - lse) * jnp.asarray(batch["weights"]).astype(z.dtype)
+def _chunked_logprobs(cfg, head, hk, targets, chunk):
+    """log π(targets) at the hidden states hk (B, K, D), ``chunk`` positions at a time: lax.map over chunks of
+    a checkpointed body, so only one (B, chunk, V) block of logits exists at a time, in the backward pass too."""
+    B, K, D = hk.shape
+    nc = -(-K // chunk)
+    pad = nc * chunk - K
+    hk = jnp.pad(hk, ((0, 0), (0, pad), (0, 0))).reshape(B, nc, chunk, D).swapaxes(0, 1)
+    tg = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, nc, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(args):
+        h, t = args
+        z = lm_head(cfg, head, h)
+        return jnp.take_along_axis(z, t[:, :, None], axis=-1)[..., 0] - jax.nn.logsumexp(z, axis=-1)
+
+    return jax.lax.map(one, (hk, tg)).swapaxes(0, 1).reshape(B, nc * chunk)[:, :K]
 
 
-def completion_logprob(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None):
+def token_logprobs(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None,
+                   chunk: Optional[int] = None, freeze_base: bool = False):
+    """w_k · log π_θ(y_k | x, y_<k), shape (B, K) (0 on padded slots). ``chunk``: positions per block of
+    logits (None: all K at once)."""
+    w = jnp.asarray(batch["weights"])
+    targets = jnp.asarray(batch["targets"])
+    if chunk is None:
+        z = completion_logits(cfg, params, batch, lora, freeze_base)
+        lp = jnp.take_along_axis(z, targets[:, :, None], axis=-1)[..., 0] - jax.nn.logsumexp(z, axis=-1)
+    else:
+        h, head = apply_model(cfg, params, batch["tokens"], batch.get("attention_mask"), lora, freeze_base)
+        hk = jnp.take_along_axis(h, jnp.asarray(batch["pos"])[:, :, None], axis=1)
+        lp = _chunked_logprobs(cfg, head, hk, targets, int(chunk))
+    return lp * w.astype(lp.dtype)
+
+
+def completion_logprob(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None,
+                       chunk: Optional[int] = None, freeze_base: bool = False):
     """log π_θ(y | x) = Σ_k w_k log π_θ(y_k | x, y_<k), shape (B,)."""
-    return jnp.sum(token_logprobs(cfg, params, batch, lora), axis=-1)
+    return jnp.sum(token_logprobs(cfg, params, batch, lora, chunk, freeze_base), axis=-1)
 
 
-def sft_loss(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None):
-    """L(θ) = −Σ_{b,k} w log π_θ(y_k | x, y_<k) / Σ w: next-token cross-entropy on completion tokens only."""
-    lp = token_logprobs(cfg, params, batch, lora)
+def sft_loss(cfg: LlamaConfig, params: PyTree, batch: dict, lora: Optional[LoRAConfig] = None,
+             chunk: Optional[int] = None, freeze_base: bool = False):
+    """L(θ) = −Σ_{b,k} w log π_θ(y_k | x, y_<k) / Σ w: next-token cross-entropy on completion tokens only.
+    ``chunk`` (positions per block of logits) bounds the logits in memory to (B, chunk, V)."""
+    lp = token_logprobs(cfg, params, batch, lora, chunk, freeze_base)
     w = jnp.asarray(batch["weights"]).astype(lp.dtype)
     return -jnp.sum(lp) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -125,13 +159,19 @@ class LMFunction:
     cfg: LlamaConfig
     kind: str
     lora: Optional[LoRAConfig] = None
+    chunk: Optional[int] = None
+    freeze_base: bool = False
 
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f"LMFunction.kind must be one of {sorted(_KINDS)}, got {self.kind!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, (int, np.integer)) or self.chunk < 1):
+            raise ValueError(f"LMFunction.chunk must be a positive int or None, got {self.chunk!r}")
 
     def __call__(self, params, batch):
-        return _KINDS[self.kind](self.cfg, params, batch, self.lora)
+        if self.kind == "completion_logits":
+            return completion_logits(self.cfg, params, batch, self.lora, self.freeze_base)
+        return _KINDS[self.kind](self.cfg, params, batch, self.lora, self.chunk, self.freeze_base)
 
 
 def _as_arrays(batch):
@@ -139,17 +179,26 @@ def _as_arrays(batch):
 
 
 def lm_problem(cfg: LlamaConfig, params: PyTree, batch: dict, safety_batch: Optional[dict] = None, *,
-               lora: Optional[LoRAConfig] = None, mask: Optional[PyTree] = None, name: str = "") -> Problem:
+               lora: Optional[LoRAConfig] = None, mask: Optional[PyTree] = None, chunk: Optional[int] = None,
+               name: str = "") -> Problem:
     """The Problem of fine-tuning (cfg, params) on ``batch`` (SFT loss L) against the safety skill of
     ``safety_batch`` (safe completions: the true Fisher of the completion logits, the empirical Fisher of
     log π(completion | prompt)). With ``lora`` the params are {"base", "lora"} and the mask defaults to the
-    adapters (:func:`~alignment_geom.models.lora.lora_mask`)."""
+    adapters (:func:`~alignment_geom.models.lora.lora_mask`); with that default θ₀ is also frozen
+    (stop_gradient), so the derivatives with respect to it, which the mask discards, are never formed.
+    ``chunk``: positions per block of logits in the loss and the log-likelihoods (see :func:`sft_loss`)."""
+    freeze = False
     if lora is not None:
         if not (isinstance(params, dict) and set(params) == {"base", "lora"}):
             raise ValueError("with lora=..., params must be the LoRA tree {'base': θ₀, 'lora': adapters}")
+        freeze = mask is None
         mask = lora_mask(params) if mask is None else mask
     safety = _as_arrays(safety_batch)
-    return Problem(params=params, loss_fn=LMFunction(cfg, "sft_loss", lora), batch=_as_arrays(batch),
-                   logits_fn=None if safety is None else LMFunction(cfg, "completion_logits", lora), inputs=safety,
-                   logprob_fn=None if safety is None else LMFunction(cfg, "completion_logprob", lora),
+
+    def fn(kind):
+        return LMFunction(cfg, kind, lora, None if kind == "completion_logits" else chunk, freeze)
+
+    return Problem(params=params, loss_fn=fn("sft_loss"), batch=_as_arrays(batch),
+                   logits_fn=None if safety is None else fn("completion_logits"), inputs=safety,
+                   logprob_fn=None if safety is None else fn("completion_logprob"),
                    safety_batch=safety, mask=mask, name=name)
