@@ -1,4 +1,4 @@
-"""One command: ``python -m benchmarks.run [--quick] [--out PATH] [--sections curvature,spectral,sweep,torch]``.
+"""One command: ``python -m benchmarks.run [--quick] [--out PATH] [--sections curvature,spectral,sweep,torch,llm]``.
 
 Measures, in one process and one run, ratios that do not depend on the machine's speed:
 
@@ -10,6 +10,8 @@ Measures, in one process and one run, ratios that do not depend on the machine's
               device per core) vs a Python loop over the configs, float32.
 4. torch      the same models in PyTorch: reverse-over-reverse HVP vs alignment_geom's (float32), and
               alignment-risk's ε̂/γ̂ pipeline vs aic.measure (float64); skipped without torch.
+5. llm        a ~28M-parameter Llama (models.forward) vs transformers/torch on the same weights, float32:
+              forward+backward tokens/s and HVP (torch double backward) time (benchmarks/llm.py).
 
 Prints one table (value, target, pass/fail) and writes ``benchmarks/results.json`` (with the
 environment: versions, device kind, cores). Timings: compile first, then interleave the compared
@@ -27,7 +29,7 @@ import sys
 import time
 import traceback
 
-SECTIONS = ("curvature", "spectral", "sweep", "torch")
+SECTIONS = ("curvature", "spectral", "sweep", "torch", "llm")
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 
 
@@ -100,6 +102,14 @@ def table_rows(results):
                              None, None))
                 rows.append((f"torch/{r['model']}", "largest possible speedup over torch HVP (HVP at GEMM peak)",
                              rf["max_attainable_speedup_over_torch"], None, None))
+    lm = results.get("llm") or {}
+    if "hvp_speedup" in lm:
+        sec = f"llm/llama-{lm['n_params'] / 1e6:.0f}M"
+        rows.append((sec, "jax / torch forward+backward tokens/s (remat full)", lm["fwd_bwd_speedup_full"], None, None))
+        rows.append((sec, "jax / torch forward+backward tokens/s (remat none)", lm["fwd_bwd_speedup_none"], None, None))
+        rows.append((sec, "torch double-backward HVP time / jax hvp time", lm["hvp_speedup"], None, None))
+        rows.append((sec, "HVP rel. diff jax vs torch (float32)", lm["hvp_rel_diff"], "<= 1e-4",
+                     lm["hvp_rel_diff"] <= 1e-4))
     ar = tp.get("aic_vs_alignment_risk") or {}
     if "time_ratio_second" in ar:
         rows.append(("torch/aic", "alignment-risk time / aic.measure, Lanczos (2nd call)", ar["time_ratio_second"],
@@ -170,6 +180,10 @@ def main(argv=None):
                 from benchmarks import torch_peer
 
                 results[sec] = torch_peer.main([], quick=args.quick)
+            elif sec == "llm":
+                from benchmarks import llm
+
+                results[sec] = llm.main([], quick=args.quick)
         except Exception as e:  # one failing section must not lose the others' results
             traceback.print_exc()
             results[sec] = {"error": f"{type(e).__name__}: {e}"}

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from alignment_geom._tree import tree_dot
+from alignment_geom.tree import tree_dot
 from benchmarks import bench_args, compile_fn, median, paired_ratio, time_blocks, write_json
 from benchmarks.curvature import _flops
 

@@ -97,3 +97,17 @@ def test_sweep_child_process_one_host_device_per_core():
     assert res["devices"] == 2 and res["n_configs"] == 16
     assert res["max_abs_diff_vs_loop"] <= 1e-5 * max(1.0, res["displacement_scale"])
     assert math.isfinite(res["speedup_sharded"]) and math.isfinite(res["speedup_one_device"])
+
+
+def test_llm_benchmark_quick(tmp_path):
+    """benchmarks.llm --quick runs both frameworks on the same tiny Llama: their HVPs agree (float32), and every
+    ratio is a positive number (the timings themselves are not asserted)."""
+    from benchmarks import llm
+
+    out = llm.main(["--quick", "--json", str(tmp_path / "llm.json")])
+    assert out["hvp_rel_diff"] <= 1e-4 and out["loss_rel_diff"] <= 1e-5
+    for k in ("fwd_bwd_speedup_full", "fwd_bwd_speedup_none", "hvp_speedup"):
+        assert math.isfinite(out[k]) and out[k] > 0
+    assert json.loads((tmp_path / "llm.json").read_text())["n_params"] == out["n_params"]
+    table = llm.memory_table()
+    assert table.count("| Qwen3-1.7B |") == table.count("| Llama-3.2-3B |") > 0
