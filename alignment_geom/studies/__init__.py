@@ -27,6 +27,7 @@ from alignment_geom.studies import (
     defenses_landscape,
     drift,
     gd_vs_flow,
+    llm_table1,
     lm_table1,
     orthogonality_illusion,
     projection_defense,
@@ -40,7 +41,7 @@ __all__ = ["STUDIES", "MAIN_JOB", "PRESETS", "get_study", "validate", "run", "ma
 
 STUDIES = {m.__name__.rsplit(".", 1)[1]: m for m in (
     quartic_onset, sharpness_sweep, coupling_sweep, collapse_time, drift, orthogonality_illusion,
-    projection_defense, gd_vs_flow, subspace_rotation, defenses_landscape, lm_table1)}
+    projection_defense, gd_vs_flow, subspace_rotation, defenses_landscape, lm_table1, llm_table1)}
 MAIN_JOB = THEORY_FIGURES + ("defenses_landscape", "lm_table1")
 PRESETS = ("smoke", "default", "large")
 
