@@ -12,13 +12,18 @@ judge endpoint):
       --config.model_path=/models/Qwen3-1.7B --config.data_dir=/data/table1 \\
       --config.judge_url=http://localhost:8000/v1 --config.judge_model=gpt-4o --workdir=runs/table1_qwen3
   on a TPU slice or several GPUs add --config.mesh_shape=8 (FSDP over 8 devices: parameters, gradients and
-  Adam split along their first divisible axis, the batch along the same axis). Memory per device, from
-  models.memory.estimate_memory (bfloat16 parameters, float32 Adam, batch 8, T = 512, remat "full"):
-      Qwen3-1.7B   full FT (Adam) ≈ 17 GiB on 1 device, ≈ 3 GiB on 8; LoRA r=8 ≈ 5 GiB; Fisher per-example
-                   gradients (chunk 4) ≈ 17 GiB (float32 gradients of 2.0B parameters)
-      Llama-3.2-3B full FT (Adam) ≈ 31 GiB on 1 device, ≈ 5 GiB on 8; LoRA r=8 ≈ 8 GiB; Fisher ≈ 30 GiB
-  the run prints the estimate of every stage up front and stores it in results.json ("memory"). Time on one
-  H100: ≈ 3–5 h per model (12 fine-tunes of ≤ 3 epochs, 13 × 520 AdvBench generations of 256 tokens, the judge).
+  Adam split along their first divisible axis, the batch along the same axis). Peak memory per device from
+  models.memory.estimate_memory (bfloat16 parameters, float32 Adam, batch 8 × 512 tokens, logits in blocks of
+  128 positions, remat "full"):
+      model         devices  full FT (Adam)  LoRA r=8  Fisher grads (chunk 4, f32)  Lanczos LoRA, 40 vectors
+      Qwen3-1.7B    1        27.7 GiB        4.6 GiB   44.2 GiB                     323 GiB (lanczos_d = 0)
+      Qwen3-1.7B    8         4.7 GiB        1.4 GiB   12.1 GiB                     41.3 GiB
+      Llama-3.2-3B  1        50.5 GiB        8.0 GiB   79.2 GiB                     598 GiB (lanczos_d = 0)
+      Llama-3.2-3B  8         8.1 GiB        2.3 GiB   18.6 GiB                     76.1 GiB
+  (fisher_dtype=bfloat16 halves the Fisher column; the Lanczos basis holds full-size vectors, so it is off by
+  default.) The run logs these estimates up front and stores them in results.json ("memory_gib"). Time: not
+  measured on an accelerator yet; the work is 12 fine-tunes (full 1 epoch, LoRA 3 epochs), 13 × 520 AdvBench
+  generations of max_new_tokens, 13 × 520 judge calls, m = 100 per-example gradients and m²/chunk jvps.
 
 Fields: model_path / data_dir / safety_file ('' = none: tiny inputs are generated into the workdir, safe
 completions are the model's own greedy refusals), tasks (alpaca_top100 = the 100 Alpaca examples whose
@@ -41,7 +46,7 @@ PRESETS = {
                  n_eval_task=4, n_pool=12, n_top=6, batch_size=4, seq_len=40, epochs_full=1, epochs_lora=2,
                  lr_full=3e-3, lr_lora=1e-2, lora_rank=2, lora_alpha=4.0, n_safety=6, k_subspace=64, d=3,
                  n_advbench=8, max_new_tokens=6, gen_batch_size=8, dtype="float32", fisher_dtype="float64",
-                 chunk=4, n_bootstrap=200, refusal_extra=("sorry",), lanczos_d=2),
+                 chunk=4, logit_chunk=0, n_bootstrap=200, refusal_extra=("sorry",), lanczos_d=2),
     "default": dict(),
     "paper": dict(),
 }
@@ -89,7 +94,7 @@ def get_config(arg=None):
     c.mesh_shape = (1,)
     c.remat = "full"
     c.chunk = 4
-    c.logit_chunk = 0
+    c.logit_chunk = 128
     c.n_bootstrap = 2000
     c.checkpoint_every = 1
     # the generated tiny checkpoint and data (used only when model_path / data_dir are '')

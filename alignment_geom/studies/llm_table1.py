@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import os
 from functools import partial
 from typing import Dict, List
@@ -343,6 +342,7 @@ def run(config, workdir: str) -> dict:
     key = jax.random.PRNGKey(config.seed + 1)
     fisher = st.arrays("fisher", lambda: _fisher(config, fparams, safety_batch, logprob_fn, key, cfg))
 
+    geom_fn = _geometry_fn(config, logprob_fn)
     rows = []
     for ti, task in enumerate(config.tasks):
         for mi, method in enumerate(config.methods):
@@ -356,8 +356,10 @@ def run(config, workdir: str) -> dict:
                 return state["params"]
 
             after = st.get(f"eval_{name}", lambda: _evaluate(config, cfg, tuned(), tok, inputs, judge, name))
-            geom = st.get(f"geometry_{name}", lambda: _geometry(config, cfg, fparams, tuned(), safety_batch,
-                                                                logprob_fn, fisher, key))
+            geom = st.get(f"geometry_{name}", lambda: {k: float(v) for k, v in geom_fn(
+                fparams, tuned(), safety_batch, key, jnp.asarray(fisher["sub_W"]),
+                *((jnp.asarray(fisher["gram_eigvals"]), jnp.asarray(fisher["gram_U"])) if "gram_U" in fisher
+                  else (None, None))).items()})
             rows.append({"task": task, "method": method, "hs_before": base["hs"], "hs_after": after["hs"],
                          "dhs": after["hs"] - base["hs"], "asr_before": base["asr"], "asr_after": after["asr"],
                          "os": geom["os"], "os_exact": geom.get("os_exact"), "quad": geom.get("quad"),
@@ -448,7 +450,8 @@ def _fisher(config, fparams, safety_batch, logprob_fn, key, cfg) -> dict:
             def logits_fn(p, b):
                 return models.completion_logits(cfg, p, b, lcfg)
 
-            sub = aic.true_fisher_eigenpairs(logits_fn, tree, safety_batch, config.lanczos_d, key=key, mask=mask)
+            sub = jax.jit(lambda t, b: aic.true_fisher_eigenpairs(logits_fn, t, b, config.lanczos_d, key=key,
+                                                                  mask=mask))(tree, safety_batch)
             out["lanczos_lora_eigvals"] = sub.eigvals
             bar.update(1)
     return out
@@ -486,23 +489,27 @@ def _finetune(config, cfg, lcfg, params, train, method, ids, workdir, name):
     return models.merge_lora(params, final["t"], lcfg.scale)
 
 
-def _geometry(config, cfg, fparams, tuned, safety_batch, logprob_fn, fisher, key) -> dict:
-    """OS in the random subspace, and (Gram) the exact OS, Δθᵀ F̂ Δθ and ‖F̂^{1/2} P Δθ‖²."""
-    delta = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype) - b, tuned, fparams)
-    stacked = jax.tree_util.tree_map(lambda x: x[None], delta)
-    sub = aic.SubspaceFisher(jnp.asarray(fisher["sub_eigvals"]), jnp.asarray(fisher["sub_W"]),
-                             jnp.zeros((1, config.k_subspace), fisher["sub_W"].dtype), jnp.asarray(fisher["sub_trace"]))
-    out = {"os": float(aic.subspace_overlap(sub, stacked, config.d, key=key)[0])}
-    if "gram_U" in fisher:
-        gf = aic.GramFisher(jnp.asarray(fisher["gram_eigvals"]), jnp.asarray(fisher["gram_U"]), None,
-                            jnp.asarray(fisher["gram_trace"]))
-        jd = aic.gram_jvp(logprob_fn, fparams, safety_batch, stacked, chunk=config.chunk)
-        coords = aic.scale.gram_coordinates(gf, jd, config.d)[0]
-        norm = math.sqrt(sum(float(jnp.sum(x * x)) for x in jax.tree_util.tree_leaves(delta)))
-        m = jd.shape[1]
-        out.update(os_exact=float(jnp.linalg.norm(coords)) / norm, quad=float(jnp.sum(jd * jd)) / m,
-                   quad_M=float(jnp.sum(gf.eigvals[:config.d] * coords * coords)))
-    return out
+def _geometry_fn(config, logprob_fn):
+    """The jitted geometry of one update (compiled once per run): (fparams, tuned, safety batch, key, Fisher
+    arrays) -> OS in the random subspace and, with the Gram arrays, the exact OS, Δθᵀ F̂ Δθ and ‖F̂^{1/2} P Δθ‖²."""
+    d, k, chunk = int(config.d), int(config.k_subspace), int(config.chunk)
+
+    def geom(fparams, tuned, safety_batch, key, sub_W, gram_eigvals, gram_U):
+        delta = jax.tree_util.tree_map(lambda a, b: a.astype(b.dtype) - b, tuned, fparams)
+        stacked = jax.tree_util.tree_map(lambda x: x[None], delta)
+        sub = aic.SubspaceFisher(jnp.zeros((sub_W.shape[1],), sub_W.dtype), sub_W,
+                                 jnp.zeros((1, k), sub_W.dtype), jnp.zeros((), sub_W.dtype))
+        out = {"os": aic.subspace_overlap(sub, stacked, d, key=key)[0]}
+        if gram_U is not None:
+            gf = aic.GramFisher(gram_eigvals, gram_U, None, None)
+            jd = aic.gram_jvp(logprob_fn, fparams, safety_batch, stacked, chunk=chunk)
+            coords = aic.scale.gram_coordinates(gf, jd, d)[0]
+            norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(delta)))
+            out.update(os_exact=jnp.linalg.norm(coords) / norm, quad=jnp.sum(jd * jd) / jd.shape[1],
+                       quad_M=jnp.sum(gram_eigvals[:d] * coords * coords))
+        return out
+
+    return jax.jit(geom)
 
 
 def _memory(config, cfg, lcfg) -> dict:
