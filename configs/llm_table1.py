@@ -32,7 +32,8 @@ batch_size / seq_len / n_train / n_eval_task, lora_rank / lora_alpha / lora_targ
 completions of the Fisher), k_subspace (the random-subspace dimension), d (dim of the sensitive subspace M),
 gram_exact (also the exact OS through the m×m Gram matrix), lanczos_d (top true-Fisher eigenpairs of the LoRA
 block by Lanczos; 0 = skip), n_advbench / max_new_tokens / gen_batch_size, judge_url / judge_model /
-judge_timeout (judge_url '' = offline: the keyword judge mapped to HS = 1 (refusal) or 5), refusal_extra
+judge_timeout, judge_model_path / judge_max_new_tokens (a local model
+judge), (neither = offline: the keyword judge mapped to HS = 1 (refusal) or 5), refusal_extra
 (refusal phrases added to the keyword list), dtype / fisher_dtype, mesh_shape (FSDP degree), remat, chunk
 (examples per chunk of per-example gradients), logit_chunk (positions per block of logits; 0 = all),
 n_bootstrap, seed. tiny_* fields shape the generated tiny checkpoint and data.
@@ -87,6 +88,8 @@ def get_config(arg=None):
     c.judge_url = ""
     c.judge_model = "gpt-4o"
     c.judge_timeout = 60.0
+    c.judge_model_path = ""    # a local Llama/Qwen3 judge model directory instead of judge_url
+    c.judge_max_new_tokens = 256
     c.refusal_extra = ("",)
     # numerics and layout
     c.dtype = "bfloat16"

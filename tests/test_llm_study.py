@@ -13,8 +13,9 @@ from alignment_geom import harness
 from alignment_geom.data import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# 2 tasks × 2 methods, a shorter alignment of the generated model: the whole tiny pipeline in a few seconds
-TINY = "configs/llm_table1.py:tiny,tasks=samsum/alpaca_top100,tiny_align_steps=80,n_bootstrap=50"
+# 2 tasks × 2 methods, a shorter alignment of the generated model, no Lanczos (tests/test_aic_scale.py checks it)
+TINY = ("configs/llm_table1.py:tiny,tasks=samsum/alpaca_top100,tiny_align_steps=60,n_bootstrap=50,lanczos_d=0,"
+        "checkpoint_every=2")
 LAST = "ft_alpaca_top100_lora"
 
 
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
     p = _run([f"--config={TINY}", f"--workdir={straight}"], env)
     assert p.returncode == 0, p.stderr[-3000:]
     killed = tmp / "killed"
-    p = _run([f"--config={TINY}", f"--workdir={killed}"], {**env, harness.CRASH_ENV: f"{LAST}:1"})
+    p = _run([f"--config={TINY}", f"--workdir={killed}"], {**env, harness.CRASH_ENV: f"{LAST}:2"})
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     state = {"killed_results": (killed / "results.json").exists(),
              "killed_steps": sorted(int(n) for n in os.listdir(killed / "checkpoints" / LAST) if n.isdigit()),
@@ -64,7 +65,7 @@ def test_tiny_end_to_end_all_stages(runs):
         assert set(c) >= {"pearson", "spearman", "n"} and set(c["pearson"]) == {"r", "p", "ci95"}
     assert res["judge"].startswith("keyword fallback") and res["inputs"]["generated_tiny"]
     assert res["safe_completions"]["n"] >= 3 and "refusals" in res["safe_completions"]["source"]
-    assert len(res["fisher"]["gram_eigvals"]) == 3 and len(res["fisher"]["lanczos_lora_eigvals"]) == 2
+    assert len(res["fisher"]["gram_eigvals"]) == 3 and res["inputs"]["model_path"] == "inputs/model"
     for f in ("table1.md", "table1.csv", "llm_os_vs_dhs.png", "llm_fisher_spectrum.png", "inputs/model/config.json",
               "inputs/model/tokenizer.json", "inputs/model/model.safetensors", "inputs/data/advbench.jsonl"):
         assert (wd / f).exists(), f
@@ -74,7 +75,7 @@ def test_tiny_end_to_end_all_stages(runs):
 
 
 def test_killed_mid_finetune_resumes_to_identical_results(runs):
-    assert not runs["killed_results"] and runs["killed_steps"] == [1]
+    assert not runs["killed_results"] and runs["killed_steps"] == [2]
     assert "eval_alpaca_top100_lora.json" not in runs["killed_stages"]
     assert "geometry_samsum_lora.json" in runs["killed_stages"]
     assert json.load(open(runs["killed"] / "timing.json"))["resumed"] is True

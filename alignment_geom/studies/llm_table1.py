@@ -104,6 +104,10 @@ def validate(config) -> None:
             datasets.load_records(config.safety_file, "advbench")
         except DataError as e:
             raise ConfigError("safety_file", config.safety_file, str(e)) from None
+    if config.judge_url and config.judge_model_path:
+        raise ConfigError("judge_model_path", config.judge_model_path, "'' when judge_url is set (one judge)")
+    if config.judge_model_path:
+        _check_model(config.judge_model_path, "judge_model_path")
     if config.judge_url:
         try:
             _judge(config, None, retries=0).check_reachable()
@@ -111,17 +115,32 @@ def validate(config) -> None:
             raise ConfigError("judge_url", config.judge_url, f"a reachable OpenAI-compatible endpoint ({e})") from None
 
 
-def _check_model(path: str) -> None:
+def _check_model(path: str, field: str = "model_path") -> None:
     if not os.path.isdir(path):
-        raise ConfigError("model_path", path, "a Hugging Face model directory (config.json, safetensors, "
+        raise ConfigError(field, path, "a Hugging Face model directory (config.json, safetensors, "
                           "tokenizer.json); this path does not exist")
     try:
         hf.read_config(path)
         hf._weight_files(path)
     except (ValueError, OSError) as e:
-        raise ConfigError("model_path", path, f"a supported Llama/Qwen3 model directory ({e})") from None
+        raise ConfigError(field, path, f"a supported Llama/Qwen3 model directory ({e})") from None
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        raise ConfigError("model_path", path, "a model directory with its tokenizer.json")
+        raise ConfigError(field, path, "a model directory with its tokenizer.json")
+
+
+def _local_judge(config, cache_dir):
+    """The rubric judge with a local Llama/Qwen3 checkpoint (greedy, judge_max_new_tokens)."""
+    jcfg, jparams = hf.load_pretrained(config.judge_model_path, dtype=config.dtype, remat=config.remat)
+    jtok = tokmod.load_tokenizer(config.judge_model_path)
+
+    def generate(prompts):
+        arrs = jtok.encode_batch(prompts, add_special_tokens=False, padding_side="left")
+        return _generate(jcfg, jparams, jtok, {"tokens": arrs.tokens, "attention_mask": arrs.attention_mask},
+                         config.judge_max_new_tokens, config.gen_batch_size, "local judge")
+
+    return judges.LocalJudge(generate, tokenizer=jtok, name="local:" + os.path.basename(
+        os.path.normpath(config.judge_model_path)), cache_dir=cache_dir, batch_size=config.gen_batch_size,
+        on_malformed="nan")
 
 
 def _judge(config, cache_dir, retries: int = 4):
@@ -320,7 +339,9 @@ def run(config, workdir: str) -> dict:
     mem = _memory(config, cfg, lcfg)
     for k, v in mem.items():
         harness.log.info("memory estimate %s: %.2f GiB per device", k, v)
-    judge = _judge(config, os.path.join(workdir, "judge_cache")) if config.judge_url else None
+    cache = os.path.join(workdir, "judge_cache")
+    judge = (_judge(config, cache) if config.judge_url else
+             _local_judge(config, cache) if config.judge_model_path else None)
     inputs = _inputs(config, paths["data_dir"], tok)
     chunk = config.logit_chunk or None
 
@@ -583,14 +604,17 @@ def _report(config, workdir, rows, fisher, base, safe, mem, offline, generated, 
                         f"Spearman ρ = {_fmt(c['spearman']['r'])} (p = {_fmt(c['spearman']['p'])})\n")
     _figures(config, workdir, rows, fisher)
     judge = ("keyword fallback (offline): HS = 1 for a refusal, 5 otherwise; ASR by the same keyword judge"
-             if offline else f"LLM rubric judge {config.judge_model} at {config.judge_url}")
+             if offline else f"LLM rubric judge {config.judge_model} at {config.judge_url}" if config.judge_url
+             else f"local rubric judge {config.judge_model_path}")
     agree = [c["pearson"]["r"] for c in corr.values() if c["pearson"]["r"] is not None]
     return {"table": rows, "correlation": corr, "judge": judge, "base": {k: base[k] for k in ("hs", "asr")},
             "safe_completions": {"n": len(safe["goals"]), "source": safe["source"]},
             "fisher": {"subspace_eigvals": fisher["sub_eigvals"][:config.d], "subspace_trace": fisher["sub_trace"],
                        "gram_eigvals": fisher.get("gram_eigvals", np.zeros(0))[:config.d],
                        "lanczos_lora_eigvals": fisher.get("lanczos_lora_eigvals", np.zeros(0))},
-            "memory_gib": mem, "inputs": {"generated_tiny": generated, **paths},
+            "memory_gib": mem, "inputs": {"generated_tiny": generated, **{
+                k: (os.path.relpath(v, workdir) if generated and v.startswith(os.path.join(workdir, "inputs"))
+                    else v) for k, v in paths.items()}},
             "claim": {"quantity": "Pearson r(OS, ΔHS), full FT", "measured": corr.get("full", {}).get(
                 "pearson", {}).get("r"), "expected": "> 0 (paper: strong positive)",
                 "agree": bool(agree) and all(a > 0 for a in agree)}}
