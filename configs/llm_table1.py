@@ -11,10 +11,10 @@ judge endpoint):
     python -m experiments.run --config=configs/llm_table1.py:paper \\
       --config.model_path=/models/Qwen3-1.7B --config.data_dir=/data/table1 \\
       --config.judge_url=http://localhost:8000/v1 --config.judge_model=gpt-4o --workdir=runs/table1_qwen3
-  on a TPU slice or several GPUs add --config.mesh_shape=8 (FSDP over 8 devices: parameters, gradients and
-  Adam split along their first divisible axis, the batch along the same axis). Peak memory per device from
-  models.memory.estimate_memory (bfloat16 parameters, float32 Adam, batch 8 × 512 tokens, logits in blocks of
-  128 positions, remat "full"):
+  on a TPU slice or several GPUs use --config=configs/llm_table1.py:paper,mesh_shape=8 (FSDP over 8 devices:
+  parameters, gradients and Adam split along their first divisible axis, the batch along the same axis).
+  Peak memory per device from models.memory.estimate_memory (bfloat16 parameters, float32 Adam, batch 8 × 512
+  tokens, logits in blocks of 128 positions, remat "full"):
       model         devices  full FT (Adam)  LoRA r=8  Fisher grads (chunk 4, f32)  Lanczos LoRA, 40 vectors
       Qwen3-1.7B    1        27.7 GiB        4.6 GiB   44.2 GiB                     323 GiB (lanczos_d = 0)
       Qwen3-1.7B    8         4.7 GiB        1.4 GiB   12.1 GiB                     41.3 GiB
