@@ -56,12 +56,13 @@ def test_gram_fisher_and_os_equal_dense(tiny, chunk):
 
 
 def test_subspace_fisher_converges_with_k(tiny):
-    """λ_j(S F̂ Sᵀ) → λ_j(F̂) and OS_S → OS as k grows (mean relative error over 4 sketches shrinks ~ 1/√k)."""
+    """λ_j(S F̂ Sᵀ) → λ_j(F̂) and OS_S → OS as k grows (mean relative error over 4 sketches shrinks ~ 1/√k, so
+    by about 16× from k = 16 to k = 4096)."""
     d = 2
     ref_os = _dense_os(tiny, d)
     errs, os_errs = [], []
     keys = jax.random.split(jax.random.PRNGKey(10), 4)
-    for k in (16, 256, 4096):
+    for k in (16, 4096):
         def one(key, k=k):
             sf = aic.subspace_fisher(tiny["fn"], tiny["params"], tiny["batch"], k, key=key, chunk=4)
             return sf.eigvals[:d], aic.subspace_overlap(sf, tiny["deltas"], d, key=key)
@@ -69,8 +70,8 @@ def test_subspace_fisher_converges_with_k(tiny):
         lam, os_ = jax.jit(jax.vmap(one))(keys)
         errs.append(np.mean(np.abs(np.asarray(lam) / tiny["lam"][:d] - 1).max(axis=1)))
         os_errs.append(np.mean(np.abs(np.asarray(os_) - ref_os).max(axis=1)))
-    assert errs[2] < errs[1] < errs[0] and errs[2] < 0.1, errs
-    assert os_errs[2] < os_errs[0] and os_errs[2] < 0.05, os_errs
+    assert errs[1] < errs[0] / 4 and errs[1] < 0.1, errs
+    assert os_errs[1] < os_errs[0] / 2 and os_errs[1] < 0.05, os_errs
 
 
 def test_sketched_gradients_independent_of_chunking(tiny):
