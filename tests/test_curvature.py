@@ -221,7 +221,7 @@ def test_taylor_eval_is_the_polynomial():
     T.assert_trees_all_close(got, jax.tree_util.tree_map(lambda a, b: 2 * a + 4 * b, cs[0], cs[1]), rtol=1e-13)
 
 
-@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
 def test_flow_taylor_partial_sums_against_ode(K):
     """‖θ(t) − θ* − Σ_{k≤K} c_k t^k‖ shrinks like t^{K+1} (accurate ODE reference)."""
     m = T.mlp_model(jax.random.PRNGKey(5))
