@@ -351,3 +351,28 @@ def test_bad_inputs_raise_clear_errors():
         C.flow_taylor(m.loss_fn, m.params, m.batch, 2, method="euler")
     with pytest.raises(ValueError, match="mask"):
         C.hvp(m.loss_fn, m.params, m.params, m.batch, mask={"l1": True})
+
+
+def test_hvp_and_third_order_against_torch():
+    """The one oracle outside JAX: torch.autograd (double backward) on the same tanh MLP in float64."""
+    import torch
+
+    m = T.mlp_model(jax.random.PRNGKey(8))
+    names = [("l1", "W"), ("l1", "b"), ("l2", "W"), ("l2", "b")]
+    P = [torch.tensor(np.asarray(m.params[a][b]), dtype=torch.float64, requires_grad=True) for a, b in names]
+    x = torch.tensor(np.asarray(m.batch["x"]), dtype=torch.float64)
+    y = torch.tensor(np.asarray(m.batch["y"]), dtype=torch.long)
+
+    def loss(W1, b1, W2, b2):
+        return torch.nn.functional.cross_entropy(torch.tanh(x @ W1 + b1) @ W2 + b2, y)
+
+    u, v = _rand_like(m.params, 31), _rand_like(m.params, 32)
+    tv = tuple(torch.tensor(np.asarray(v[a][b]), dtype=torch.float64) for a, b in names)
+    tu = tuple(torch.tensor(np.asarray(u[a][b]), dtype=torch.float64) for a, b in names)
+    grads = torch.autograd.grad(loss(*P), P, create_graph=True)
+    Hv = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, tv)), P, create_graph=True)
+    D3uv = torch.autograd.grad(sum((h * w).sum() for h, w in zip(Hv, tu)), P)
+    as_tree = lambda ts: {"l1": {"W": ts[0].detach().numpy(), "b": ts[1].detach().numpy()},  # noqa: E731
+                          "l2": {"W": ts[2].detach().numpy(), "b": ts[3].detach().numpy()}}
+    assert T.relative_error(C.hvp(m.loss_fn, m.params, v, m.batch), as_tree(Hv)) <= 1e-12
+    assert T.relative_error(C.third_order(m.loss_fn, m.params, u, v, m.batch), as_tree(D3uv)) <= 1e-11
