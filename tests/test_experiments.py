@@ -1,4 +1,7 @@
-"""Smoke-scale runs of the nine figures, each asserting its scientific claim (float64, 8 forced host devices)."""
+"""Smoke-scale runs of the figures (alignment_geom.studies, float64, 8 forced host devices). Each test checks the
+figure's numbers against the theory's constants and oracles that share no code with the study (the landscape's
+closed-form a₄, dense numpy Fishers and angles); the study's own verdict (claim.agree, the summary table's input)
+is asserted last, never alone."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Tests of the generic run machinery (alignment_geom.runner): validation, workdirs, resume, sharding."""
+"""alignment_geom.harness (validation, workdirs, checkpoints and resume, sharding) and the command line."""
 import json
 import os
 import sys
