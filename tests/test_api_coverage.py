@@ -52,13 +52,13 @@ def test_every_public_name_is_referenced_by_a_test():
 def mlp():
     m = T.mlp_model(jax.random.PRNGKey(31))
     flat, unravel = ravel(m.params)
-    J = np.asarray(jax.jacfwd(lambda f: m.logits_fn(unravel(f), m.inputs))(flat))          # (M, C, n)
+    J = np.asarray(jax.jit(jax.jacfwd(lambda f: m.logits_fn(unravel(f), m.inputs)))(flat))  # (M, C, n)
     z = np.asarray(m.logits_fn(m.params, m.inputs))
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     Lam = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
     F = np.einsum("mci,mcd,mdj->ij", J, Lam, J) / J.shape[0]
-    Jlp = np.asarray(jax.jacfwd(lambda f: m.logprob_fn(unravel(f), m.batch))(flat))
+    Jlp = np.asarray(jax.jit(jax.jacfwd(lambda f: m.logprob_fn(unravel(f), m.batch)))(flat))
     return dict(m=m, flat=np.asarray(flat), unravel=unravel, J=J, z=z, p=p, Lam=Lam, F=F, Jlp=Jlp)
 
 

@@ -24,7 +24,7 @@ def setup():
     # F = mean_x Jᵀ(diag p − ppᵀ)J written out in numpy
     Lam = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])
     F = np.einsum("mci,mcd,mdj->ij", J, Lam, J) / J.shape[0]
-    Jlp = np.asarray(jax.jacfwd(lambda f: m.logprob_fn(unravel(f), m.batch))(flat))          # (m, n)
+    Jlp = np.asarray(jax.jit(jax.jacfwd(lambda f: m.logprob_fn(unravel(f), m.batch)))(flat))  # (m, n)
     g = np.asarray(jax.grad(lossf)(flat))
     rng = np.random.default_rng(0)
     u, v = rng.standard_normal(flat.size), rng.standard_normal(flat.size)

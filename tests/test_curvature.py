@@ -27,7 +27,9 @@ def dense(model):
     H, flat, unravel = T.dense_hessian(model.loss_fn, model.params, model.batch)
     return {"H": H, "flat": flat, "unravel": unravel,
             "D3": T.dense_third(model.loss_fn, model.params, model.batch),
-            "F": T.dense_fisher(model.logits_fn, model.params, model.inputs)}
+            "F": T.dense_fisher(model.logits_fn, model.params, model.inputs),
+            # (m, n) Jacobian of the per-example log-likelihoods (the score vectors), jitted once
+            "Jlp": np.asarray(jax.jit(jax.jacfwd(lambda f: model.logprob_fn(unravel(f), model.batch)))(flat))}
 
 
 def _jit(op, *fns, **kw):
@@ -110,9 +112,8 @@ def test_fisher_equals_enumerated_score_outer_product(model, dense):
     _close(C.fisher_vp(model.logits_fn, model.params, v, model.inputs), F @ ravel(v)[0], unravel)
 
 
-def test_empirical_fisher_and_per_example_grads(model):
-    flat, unravel = ravel(model.params)
-    Jlp = jax.jacfwd(lambda f: model.logprob_fn(unravel(f), model.batch))(flat)  # (m, n)
+def test_empirical_fisher_and_per_example_grads(model, dense):
+    unravel, Jlp = dense["unravel"], dense["Jlp"]  # (m, n)
     Fhat = Jlp.T @ Jlp / Jlp.shape[0]
     v = _rand_like(model.params, 8)
     _close(C.empirical_fisher_vp(model.logprob_fn, model.params, v, model.batch), Fhat @ ravel(v)[0], unravel)
@@ -278,7 +279,7 @@ def test_masked_operators_equal_dense_sub_blocks(model, dense):
     _close(C.linearized_fisher_vp(model.logits_fn, model.params, model.inputs, mask=mask)(v),
            embed(F[np.ix_(S, S)] @ vS), unravel)
     # empirical Fisher and per-example gradients on S: the columns S of the dense (m, n) score Jacobian
-    Jlp = np.asarray(jax.jacfwd(lambda f: model.logprob_fn(unravel(f), model.batch))(flat))
+    Jlp = dense["Jlp"]
     JS = Jlp[:, S]
     _close(C.empirical_fisher_vp(model.logprob_fn, model.params, v, model.batch, mask=mask),
            embed(JS.T @ (JS @ vS) / JS.shape[0]), unravel)
