@@ -1,4 +1,4 @@
-"""alignment_geom.curvature against dense float64 oracles and analytic cases."""
+"""alignment_geom.curvature (hessian, fisher, utility, taylor) against dense float64 oracles and closed forms."""
 import math
 
 import jax
@@ -27,7 +27,9 @@ def dense(model):
     H, flat, unravel = T.dense_hessian(model.loss_fn, model.params, model.batch)
     return {"H": H, "flat": flat, "unravel": unravel,
             "D3": T.dense_third(model.loss_fn, model.params, model.batch),
-            "F": T.dense_fisher(model.logits_fn, model.params, model.inputs)}
+            "F": T.dense_fisher(model.logits_fn, model.params, model.inputs),
+            # (m, n) Jacobian of the per-example log-likelihoods (the score vectors), jitted once
+            "Jlp": np.asarray(jax.jit(jax.jacfwd(lambda f: model.logprob_fn(unravel(f), model.batch)))(flat))}
 
 
 def _jit(op, *fns, **kw):
@@ -95,28 +97,23 @@ def test_fisher_vp_matches_dense_fisher(model, dense):
     assert np.linalg.eigvalsh(np.asarray(F)).min() > -1e-12 * np.abs(F).max()
 
 
-def test_fisher_equals_sampled_score_outer_product():
-    """F = E_{y∼π}[∇log π(y) ∇log π(y)ᵀ] computed by exact enumeration over the C classes."""
-    m = T.softmax_regression_model(jax.random.PRNGKey(11))
-    flat, unravel = ravel(m.params)
-    C_ = m.logits_fn(m.params, m.inputs).shape[-1]
-
-    def logp(f, x, y):
-        return jax.nn.log_softmax(m.logits_fn(unravel(f), x[None]))[0, y]
-
-    def fisher_x(x):
-        p = jax.nn.softmax(m.logits_fn(m.params, x[None]))[0]
-        scores = jnp.stack([jax.grad(logp)(flat, x, y) for y in range(C_)])
-        return jnp.einsum("y,yi,yj->ij", p, scores, scores)
-
-    F = jnp.mean(jax.vmap(fisher_x)(m.inputs), axis=0)
-    v = _rand_like(m.params, 7)
-    _close(C.fisher_vp(m.logits_fn, m.params, v, m.inputs), F @ ravel(v)[0], unravel)
+def test_fisher_equals_enumerated_score_outer_product(model, dense):
+    """F = mean_x E_{y∼π(·|x)}[∇log π(y|x) ∇log π(y|x)ᵀ] by exact enumeration over the C classes at every logit
+    position (no Λ = diag p − ppᵀ, no jvp/vjp of the library): every zoo model, incl. attention's (m, T, C)."""
+    flat, unravel = dense["flat"], dense["unravel"]
+    z = model.logits_fn(model.params, model.inputs)
+    C_ = z.shape[-1]
+    S = jax.jit(jax.jacfwd(lambda f: jax.nn.log_softmax(model.logits_fn(unravel(f), model.inputs), -1)))(flat)
+    S = np.asarray(S).reshape(-1, C_, flat.size)                # scores (positions, classes, n)
+    p = np.asarray(jax.nn.softmax(z, -1)).reshape(-1, C_)
+    F = np.einsum("my,myi,myj->ij", p, S, S) / S.shape[0]
+    np.testing.assert_allclose(np.asarray(dense["F"]), F, rtol=0, atol=1e-12 * np.abs(F).max())
+    v = _rand_like(model.params, 7)
+    _close(C.fisher_vp(model.logits_fn, model.params, v, model.inputs), F @ ravel(v)[0], unravel)
 
 
-def test_empirical_fisher_and_per_example_grads(model):
-    flat, unravel = ravel(model.params)
-    Jlp = jax.jacfwd(lambda f: model.logprob_fn(unravel(f), model.batch))(flat)  # (m, n)
+def test_empirical_fisher_and_per_example_grads(model, dense):
+    unravel, Jlp = dense["unravel"], dense["Jlp"]  # (m, n)
     Fhat = Jlp.T @ Jlp / Jlp.shape[0]
     v = _rand_like(model.params, 8)
     _close(C.empirical_fisher_vp(model.logprob_fn, model.params, v, model.batch), Fhat @ ravel(v)[0], unravel)
@@ -204,19 +201,48 @@ def test_polynomial_known_derivatives():
                                (6 * a * x + b) * u["x"] * v["x"], rtol=1e-13)
 
 
-@pytest.mark.parametrize("K", [1, 2, 3])
-def test_flow_taylor_partial_sums_against_ode(K):
-    """‖θ(t) − θ* − Σ_{k≤K} c_k t^k‖ shrinks like t^{K+1} (accurate ODE reference)."""
+def test_taylor_eval_is_the_polynomial():
+    """taylor_eval([c_1, …, c_K], t, θ*) = θ* + Σ_k c_k t^k, leaf by leaf (numpy Horner form as the oracle)."""
+    rng = np.random.default_rng(0)
+    cs = [{"a": jnp.asarray(rng.standard_normal(3)), "b": {"c": jnp.asarray(rng.standard_normal((2, 2)))}}
+          for _ in range(4)]
+    p0 = {"a": jnp.asarray(rng.standard_normal(3)), "b": {"c": jnp.asarray(rng.standard_normal((2, 2)))}}
+    for t in (0.0, 0.3, -1.7):
+        def horner(leaves, t=t):
+            out = np.zeros_like(np.asarray(leaves[0]))
+            for c in leaves[::-1]:
+                out = (out + np.asarray(c)) * t
+            return out
+        want = jax.tree_util.tree_map(lambda *ls: horner(ls), *cs)
+        T.assert_trees_all_close(C.taylor_eval(cs, t), want, rtol=1e-13, atol=1e-15)
+        T.assert_trees_all_close(C.taylor_eval(cs, t, p0), jax.tree_util.tree_map(np.add, p0, want), rtol=1e-13,
+                                 atol=1e-15)
+    # jit with a traced t
+    got = jax.jit(C.taylor_eval)(cs[:2], jnp.asarray(2.0))
+    T.assert_trees_all_close(got, jax.tree_util.tree_map(lambda a, b: 2 * a + 4 * b, cs[0], cs[1]), rtol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def ode_reference():
+    """θ(t) of the tanh MLP's gradient flow from an accurate ODE solve (one solve shared by the orders), and the
+    order-4 Taylor coefficients."""
     m = T.mlp_model(jax.random.PRNGKey(5))
     flat0, unravel = ravel(m.params)
     rhs = lambda x, t: -ravel(jax.grad(m.loss_fn)(unravel(x), m.batch))[0]  # noqa: E731
     ts = jnp.array([0.0, 0.05, 0.1, 0.2])
     traj = odeint(rhs, flat0, ts, rtol=1e-13, atol=1e-14)
-    cs = [ravel(c)[0] for c in C.flow_taylor(m.loss_fn, m.params, m.batch, K)]
+    cs = [ravel(c)[0] for c in C.flow_taylor(m.loss_fn, m.params, m.batch, 4)]
+    return flat0, ts, traj, cs
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+def test_flow_taylor_partial_sums_against_ode(K, ode_reference):
+    """‖θ(t) − θ* − Σ_{k≤K} c_k t^k‖ shrinks like t^{K+1} (accurate ODE reference)."""
+    flat0, ts, traj, cs = ode_reference
     errs = []
     for i in range(1, len(ts)):
         t = ts[i]
-        pred = flat0 + sum(c * t ** (k + 1) for k, c in enumerate(cs))
+        pred = flat0 + sum(c * t ** (k + 1) for k, c in enumerate(cs[:K]))
         errs.append(float(jnp.linalg.norm(traj[i] - pred)))
     slopes = np.diff(np.log(errs)) / np.diff(np.log(np.asarray(ts[1:])))
     assert np.all(np.abs(slopes - (K + 1)) < 0.25), (errs, slopes)
@@ -250,11 +276,25 @@ def test_masked_operators_equal_dense_sub_blocks(model, dense):
     F = dense["F"]
     _close(_jit(C.fisher_vp, model.logits_fn, mask=mask)(model.params, v, model.inputs),
            embed(F[np.ix_(S, S)] @ vS), unravel)
-    # masked flow: only θ_S moves; c_2 = H_SS g_S / 2
+    _close(C.linearized_fisher_vp(model.logits_fn, model.params, model.inputs, mask=mask)(v),
+           embed(F[np.ix_(S, S)] @ vS), unravel)
+    # empirical Fisher and per-example gradients on S: the columns S of the dense (m, n) score Jacobian
+    Jlp = dense["Jlp"]
+    JS = Jlp[:, S]
+    _close(C.empirical_fisher_vp(model.logprob_fn, model.params, v, model.batch, mask=mask),
+           embed(JS.T @ (JS @ vS) / JS.shape[0]), unravel)
+    G = jax.vmap(lambda g: ravel(g)[0])(C.per_example_grads(model.logprob_fn, model.params, model.batch, mask=mask))
+    want = np.zeros_like(Jlp)
+    want[:, S] = JS
+    np.testing.assert_allclose(np.asarray(G), want, rtol=RTOL, atol=1e-13)
+    # masked flow: only θ_S moves; c_2 = H_SS g_S / 2, c_3 = −(H_SS² g_S + D³L_SSS[g_S, g_S]) / 6
     g = ravel(jax.grad(model.loss_fn)(model.params, model.batch))[0]
-    c1, c2 = jax.jit(lambda p, b: C.flow_taylor(model.loss_fn, p, b, 2, mask=mask))(model.params, model.batch)
-    _close(c1, embed(-g[S]), unravel)
-    _close(c2, embed(H[np.ix_(S, S)] @ g[S] / 2), unravel)
+    c1, c2, c3 = jax.jit(lambda p, b: C.flow_taylor(model.loss_fn, p, b, 3, mask=mask))(model.params, model.batch)
+    HS, gS = H[np.ix_(S, S)], g[S]
+    _close(c1, embed(-gS), unravel)
+    _close(c2, embed(HS @ gS / 2), unravel)
+    _close(c3, embed(-(HS @ (HS @ gS) + jnp.einsum("ijk,j,k->i", D3[np.ix_(S, S, S)], gS, gS)) / 6), unravel,
+           rtol=1e-9)
     # masked Δu holds θ outside S at the reference
     moved = unravel(flat + 0.2 * ravel(u)[0])
     onlyS = unravel(flat + 0.2 * embed(uS))
@@ -305,9 +345,6 @@ def test_jitted_operators_compile_once():
             jax.block_until_ready(f(p, v, b))
     for name, c in counted.items():
         assert c.count == 1, f"{name} traced {c.count} times"
-    ops = C.curvature_operators(m.loss_fn, m.logits_fn, m.logprob_fn)
-    v = _rand_like(m.params, 0)
-    assert T.relative_error(ops.hvp(m.params, v, m.batch), C.hvp(m.loss_fn, m.params, v, m.batch)) < 1e-14
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -323,3 +360,28 @@ def test_bad_inputs_raise_clear_errors():
         C.flow_taylor(m.loss_fn, m.params, m.batch, 2, method="euler")
     with pytest.raises(ValueError, match="mask"):
         C.hvp(m.loss_fn, m.params, m.params, m.batch, mask={"l1": True})
+
+
+def test_hvp_and_third_order_against_torch():
+    """The one oracle outside JAX: torch.autograd (double backward) on the same tanh MLP in float64."""
+    import torch
+
+    m = T.mlp_model(jax.random.PRNGKey(8))
+    names = [("l1", "W"), ("l1", "b"), ("l2", "W"), ("l2", "b")]
+    P = [torch.tensor(np.asarray(m.params[a][b]), dtype=torch.float64, requires_grad=True) for a, b in names]
+    x = torch.tensor(np.asarray(m.batch["x"]), dtype=torch.float64)
+    y = torch.tensor(np.asarray(m.batch["y"]), dtype=torch.long)
+
+    def loss(W1, b1, W2, b2):
+        return torch.nn.functional.cross_entropy(torch.tanh(x @ W1 + b1) @ W2 + b2, y)
+
+    u, v = _rand_like(m.params, 31), _rand_like(m.params, 32)
+    tv = tuple(torch.tensor(np.asarray(v[a][b]), dtype=torch.float64) for a, b in names)
+    tu = tuple(torch.tensor(np.asarray(u[a][b]), dtype=torch.float64) for a, b in names)
+    grads = torch.autograd.grad(loss(*P), P, create_graph=True)
+    Hv = torch.autograd.grad(sum((g * w).sum() for g, w in zip(grads, tv)), P, create_graph=True)
+    D3uv = torch.autograd.grad(sum((h * w).sum() for h, w in zip(Hv, tu)), P)
+    as_tree = lambda ts: {"l1": {"W": ts[0].detach().numpy(), "b": ts[1].detach().numpy()},  # noqa: E731
+                          "l2": {"W": ts[2].detach().numpy(), "b": ts[3].detach().numpy()}}
+    assert T.relative_error(C.hvp(m.loss_fn, m.params, v, m.batch), as_tree(Hv)) <= 1e-12
+    assert T.relative_error(C.third_order(m.loss_fn, m.params, u, v, m.batch), as_tree(D3uv)) <= 1e-11

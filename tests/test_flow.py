@@ -1,4 +1,5 @@
-"""Tests for alignment_geom.flow: closed forms, dense oracles, and the issue-4 acceptance criteria."""
+"""alignment_geom.dynamics (flow, paths, record) and curvature.utility_taylor: closed forms, dense oracles, and the
+quartic-onset acceptance checks on the synthetic landscapes."""
 import math
 
 import jax
@@ -205,7 +206,15 @@ def test_quartic_onset_default_landscape(onset_grid):
     assert abs(fit["exponent"] - 4) < 0.05
     assert abs(scaling.fit_coefficient(TS, y, (lo, hi)) / a4 - 1) < 0.01
     assert abs(scaling.fit_coefficient(TS, y, (lo, hi), method="mean") / a4 - 1) < 0.01
-    np.testing.assert_allclose(y[0] / TS[0] ** 4, a4, rtol=1e-4)  # a4 t⁴ (1 + (a5/a4) t) at t = 1e-4
+    # ε = 0: a₂ = a₃ = 0 and a₄, a₅ equal the landscape's closed forms (a₅ sees the flow's c₃ = −(H²g + D³L[g,g])/6
+    # through B_i; a₄ alone would not), for the default and the strong-third-order landscapes
+    for i in (0, 2):
+        scale = abs(grid.info["a4"][i])
+        np.testing.assert_allclose(coeffs[i, 2:4], 0.0, atol=1e-13 * scale)
+        np.testing.assert_allclose(coeffs[i, 4], grid.info["a4"][i], rtol=1e-10)
+        np.testing.assert_allclose(coeffs[i, 5], grid.info["a5"][i], rtol=1e-10)
+    # and the measured Δu: y = a₄t⁴ + a₅t⁵ + O(t⁶) at t = 1e-4 (relative remainder ~ (a₆/a₄) t² ≈ 1e-8)
+    np.testing.assert_allclose(y[0], grid.info["a4"][0] * TS[0] ** 4 + grid.info["a5"][0] * TS[0] ** 5, rtol=1e-6)
 
 
 def test_eps_regime_below_t_min(onset_grid):

@@ -1,4 +1,4 @@
-"""Cross-module checks: the pieces written in different modules agree with dense oracles and each other."""
+"""Cross-module checks: curvature.top_fisher_subspace and linalg.principal_angles against dense numpy oracles."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,13 +28,17 @@ def test_top_fisher_subspace_matches_dense_eigh():
     np.testing.assert_allclose(B @ B.T, np.eye(d), atol=1e-12)
 
 
-def test_principal_angles_agree_between_modules():
-    key = jax.random.PRNGKey(0)
+def test_principal_angles_against_numpy_svd():
+    """linalg.principal_angles on a pytree basis against arccos of the singular values of AᵀB (numpy) and, for the
+    small angles where arccos loses digits, arcsin of the singular values of (I − AAᵀ)B."""
+    rng = np.random.default_rng(0)
     n, k = 40, 4
-    A = jnp.linalg.qr(jax.random.normal(key, (n, k)))[0].T
-    B = jnp.linalg.qr(A.T + 0.3 * jax.random.normal(jax.random.PRNGKey(1), (n, k)))[0].T
-    a = np.sort(np.asarray(linalg.principal_angles({"w": A}, {"w": B})))
-    b = np.sort(np.asarray(linalg.principal_angles({"w": A}, {"w": B})))
-    want = np.sort(np.arccos(np.clip(np.linalg.svd(np.asarray(A @ B.T), compute_uv=False), -1, 1)))
-    np.testing.assert_allclose(a, want, atol=1e-7)
-    np.testing.assert_allclose(b, want, atol=1e-7)
+    A = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    B = np.linalg.qr(A + 0.3 * rng.standard_normal((n, k)))[0]
+    unravel = ravel({"x": jnp.zeros((8, 3)), "y": jnp.zeros(16)})[1]
+    tree_a, tree_b = jax.vmap(unravel)(jnp.asarray(A.T)), jax.vmap(unravel)(jnp.asarray(B.T))
+    got = np.sort(np.asarray(linalg.principal_angles(tree_a, tree_b)))
+    cos = np.linalg.svd(A.T @ B, compute_uv=False)
+    sin = np.linalg.svd(B - A @ (A.T @ B), compute_uv=False)
+    np.testing.assert_allclose(got, np.sort(np.arccos(np.clip(cos, -1, 1))), atol=1e-7)
+    np.testing.assert_allclose(got, np.sort(np.arcsin(np.clip(sin, 0, 1))), rtol=1e-10, atol=1e-12)

@@ -1,4 +1,4 @@
-"""Tests of the generic run machinery (alignment_geom.runner): validation, workdirs, resume, sharding."""
+"""alignment_geom.harness (validation, workdirs, checkpoints and resume, sharding) and the command line."""
 import json
 import os
 import sys
@@ -203,8 +203,9 @@ def test_sharded_vmap_matches_single_device_and_pads():
     one = harness.sharded_vmap(_point_fn, grid, devices=jax.devices()[:1])
     ref = jax.vmap(_point_fn)(jax.tree_util.tree_map(jnp.asarray, grid))
     assert many["x"].shape == (13, 3) and many["s"].shape == (13,)
-    np.testing.assert_allclose(many["x"], one["x"], rtol=1e-14, atol=0)
-    np.testing.assert_allclose(many["s"], np.asarray(ref["s"]), rtol=1e-14, atol=0)
+    # float64 rounding only (XLA may vectorise a shard of 2 differently from 13 points): 50 fori steps ≈ 1e-14
+    np.testing.assert_allclose(many["x"], one["x"], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(many["s"], np.asarray(ref["s"]), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="no points"):
         harness.sharded_vmap(_point_fn, {"a": np.zeros(0), "b": np.zeros(0)})
 

@@ -1,4 +1,4 @@
-"""Tests for alignment_geom.scaling against analytic curves."""
+"""alignment_geom.scaling (slopes, windows, the one c₄ fitter, collapse times, power laws) on analytic curves."""
 import numpy as np
 import pytest
 from scipy import stats
@@ -123,3 +123,38 @@ def test_bad_inputs():
         scaling.local_slope([1.0, 0.5], [1.0, 2.0])
     with pytest.raises(ValueError):
         scaling.onset_window([1.0, 2.0], [1.0])
+
+
+def test_fit_coefficient_series_exact_for_its_model_and_needs_8_points():
+    """method="series": y/t⁴ = Σ_{j=−2}^{2} b_j (t/t_c)^j is its model, so c = b₀ (in t units: the t⁴ coefficient)
+    is recovered to rounding when y = Σ_k a_k t^k, k = 2..6 (ε-driven t², t³ and cubic-remainder t⁵, t⁶ terms)."""
+    ts = np.geomspace(1e-2, 1.0, 40)
+    a = {2: 3e-4, 3: -2e-3, 4: 0.7, 5: -0.4, 6: 0.1}
+    y = sum(c * ts ** k for k, c in a.items())
+    lo, hi = ts[5], ts[30]
+    np.testing.assert_allclose(scaling.fit_coefficient(ts, y, (lo, hi), method="series"), a[4], rtol=1e-10)
+    # the intercept fit is biased by the t², t³ terms here; the series fit is not
+    assert abs(scaling.fit_coefficient(ts, y, (lo, hi)) / a[4] - 1) > 1e-3
+    with pytest.raises(ValueError, match="at least 8"):
+        scaling.fit_coefficient(ts, y, (ts[5], ts[11]), method="series")      # 7 points
+    with pytest.raises(ValueError, match="method"):
+        scaling.fit_coefficient(ts, y, (lo, hi), method="median")
+
+
+def test_study_fitter_switch_is_explicit_at_8_points():
+    """The figures' c₄ (studies._theory.analyse) is scaling.fit_coefficient: "series" when the onset window holds
+    ≥ 8 grid points, else "intercept", and the method used is reported as c4_fit_method."""
+    from alignment_geom.studies import _theory
+
+    for num, method in ((8, "series"), (7, "intercept")):
+        # a pure t⁴ law on num + 2 grid points, slope 2 on either side (continuous): the kink points' central
+        # differences average 2 and 4, so the window holds exactly num points
+        ts = np.geomspace(1e-3, 1.0, 31)
+        i0, i1 = 10, 10 + num + 1
+        y = np.where(np.arange(31) < i0, ts[i0] ** 2 * ts ** 2,
+                     np.where(np.arange(31) <= i1, ts ** 4, ts[i1] ** 2 * ts ** 2))
+        r = _theory.analyse(ts, y, 1.0)
+        assert r["window_idx"][1] - r["window_idx"][0] + 1 == num
+        assert r["c4_fit_method"] == method
+        assert r["c4_fit"] == scaling.fit_coefficient(ts, y, tuple(r["window"]), 4, method)
+        np.testing.assert_allclose(r["c4_fit"], 1.0, rtol=1e-10)

@@ -1,4 +1,4 @@
-"""alignment_geom.spectral against dense float64 oracles (n ≤ 200)."""
+"""alignment_geom.linalg (eigen, gram, trace, subspace) against dense float64 oracles (n ≤ 200)."""
 import functools
 
 import jax
@@ -186,49 +186,94 @@ def test_gram_eigenpairs_wide_leaf_pytree_with_trace():
         sp.gram_eigenpairs({"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}, 2)
 
 
-def test_traces_within_stated_error():
+def _probes(key, num, n, dist, mask_flat=None):
+    """The estimator's probes, regenerated: z_j from split(key, num)[j] (jax.random's Rademacher/normal draw)."""
+    draw = jax.random.rademacher if dist == "rademacher" else jax.random.normal
+    Z = np.stack([np.asarray(draw(k, (n,), jnp.float64)) for k in jax.random.split(key, num)])
+    return Z if mask_flat is None else Z * mask_flat
+
+
+MASK_FLAT = np.concatenate([np.ones(30), np.zeros(30)])
+
+
+@functools.lru_cache(maxsize=None)
+def _traces():
     like = _like()
-    A = _wishart(60, 90, 8)
-    tr = float(jnp.trace(A))
 
     @jax.jit
     def traces(A, key):
         mv = _op(A, like)
-        return (sp.dense_trace(mv, like), sp.dense_trace(mv, like, mask=MASK),
-                sp.hutchinson_trace(mv, like, 200, key=key), sp.hutchpp_trace(mv, like, 90, key=key))
+        return (sp.dense_trace(mv, like), sp.dense_trace(mv, like, mask=MASK, batch_size=7),
+                sp.hutchinson_trace(mv, like, 200, key=key),
+                sp.hutchinson_trace(mv, like, 40, key=key, mask=MASK, dist="normal", batch_size=8),
+                sp.hutchpp_trace(mv, like, 90, key=key), sp.hutchpp_trace(mv, like, 30, key=key, mask=MASK))
 
-    dense, dense_m, (h, h_se), (hpp, hpp_se) = traces(A, KEY)
-    np.testing.assert_allclose(float(dense), tr, rtol=1e-12)
-    np.testing.assert_allclose(float(dense_m), float(jnp.trace(A[:30, :30])), rtol=1e-12)
-    assert 0 < float(h_se) < 0.05 * tr
+    return traces
+
+
+def test_traces_reproduce_their_probes_exactly():
+    """Each stochastic estimate equals the same formula evaluated in numpy on the regenerated probes (float64
+    rounding only), with and without mask/dist/batch_size; dense traces are exact."""
+    A = _wishart(60, 90, 8)
+    An = np.asarray(A)
+    dense, dense_m, (h, h_se), (hm, hm_se), (hpp, hpp_se), (hppm, _) = _traces()(A, KEY)
+    np.testing.assert_allclose(float(dense), np.trace(An), rtol=1e-12)
+    np.testing.assert_allclose(float(dense_m), np.trace(An[:30, :30]), rtol=1e-12)
+    # Hutchinson: (1/s) Σ z_jᵀ A z_j and its standard error std(ddof=1)/√s
+    for (est, se), num, dist, mk in (((h, h_se), 200, "rademacher", None), ((hm, hm_se), 40, "normal", MASK_FLAT)):
+        Z = _probes(KEY, num, 60, dist, mk)
+        q = np.einsum("ji,ik,jk->j", Z, An, Z)
+        np.testing.assert_allclose(float(est), q.mean(), rtol=1e-12)
+        np.testing.assert_allclose(float(se), q.std(ddof=1) / np.sqrt(num), rtol=1e-10)
+    # Hutch++: s = m // 3 sketch probes from split(key)[0], Q = orth(A S), s residual probes from split(key)[1]
+    for est, num, mk in ((hpp, 90, None), (hppm, 30, MASK_FLAT)):
+        s_ = num // 3
+        k1, k2 = jax.random.split(KEY)
+        Am = An if mk is None else An * np.outer(mk, mk)
+        Q = np.linalg.qr((Am @ _probes(k1, s_, 60, "rademacher", mk).T))[0]
+        G = _probes(k2, s_, 60, "rademacher", mk).T
+        G = G - Q @ (Q.T @ G)
+        want = np.trace(Q.T @ Am @ Q) + np.mean(np.einsum("ij,ik,kj->j", G, Am, G))
+        np.testing.assert_allclose(float(est), want, rtol=1e-10)
+    # and the statistics: within 4 standard errors of tr A; Var = 2(‖A‖_F² − Σ A_ii²)/s for Rademacher
+    tr = np.trace(An)
     assert abs(float(h) - tr) <= 4 * float(h_se)
-    assert float(hpp_se) > 0
-    assert abs(float(hpp) - tr) <= 4 * float(hpp_se)
+    np.testing.assert_allclose(float(h_se) ** 2, 2 * (np.sum(An ** 2) - np.sum(np.diag(An) ** 2)) / 200, rtol=0.3)
+    assert float(hpp_se) > 0 and abs(float(hpp) - tr) <= 4 * float(hpp_se)
     # Hutch++ is exact when rank(A) ≤ num_matvecs // 3
     Q = np.linalg.qr(np.random.default_rng(9).standard_normal((60, 5)))[0]
     B = jnp.asarray(Q @ np.diag([5.0, 4, 3, 2, 1]) @ Q.T)
-    np.testing.assert_allclose(float(traces(B, KEY)[3][0]), 15.0, rtol=1e-10)
+    np.testing.assert_allclose(float(_traces()(B, KEY)[4][0]), 15.0, rtol=1e-10)
 
 
-def test_slq_trace_and_density():
+def test_slq_polynomial_moments_exact_and_density():
+    """With m Lanczos steps Gauss quadrature is exact for degree ≤ 2m − 1, so n Σ_j τ_j θ_j^k = z_pᵀ A^k z_p for
+    each probe (z_p regenerated: split(split(key, p)[i])[0]); tr exp(A) only within 4 standard errors."""
     like = _like()
     A = _wishart(60, 90, 10)
-    w = np.linalg.eigvalsh(np.asarray(A))
+    An = np.asarray(A)
+    w = np.linalg.eigvalsh(An)
     res = jax.jit(lambda A, key: sp.slq(_op(A, like), like, 12, 40, key=key))(A, KEY)
     np.testing.assert_allclose(np.asarray(res.weights).sum(axis=1), 1.0, rtol=1e-12)
-    for f in (lambda x: x, lambda x: x ** 2, jnp.exp):
-        est, se = sp.slq_trace(res, f)
-        exact = float(np.sum(np.asarray(f(jnp.asarray(w)))))
-        assert abs(float(est) - exact) <= 4 * float(se), (float(est), exact, float(se))
+    Z = np.stack([np.asarray(jax.random.rademacher(jax.random.split(k)[0], (60,), jnp.float64))
+                  for k in jax.random.split(KEY, 40)])
+    for k in (1, 2, 3, 7):
+        per = np.einsum("pi,ij,pj->p", Z, np.linalg.matrix_power(An, k), Z)
+        est, se = sp.slq_trace(res, lambda x, k=k: x ** k)
+        np.testing.assert_allclose(float(est), per.mean(), rtol=1e-10)
+        np.testing.assert_allclose(float(se), per.std(ddof=1) / np.sqrt(40), rtol=1e-8)
+    est, se = sp.slq_trace(res, jnp.exp)
+    assert abs(float(est) - np.sum(np.exp(w))) <= 4 * float(se)
     grid = jnp.linspace(-1.0, 5.0, 601)
     sigma = 0.3
     dens = np.asarray(sp.spectral_density(res, grid, sigma))
     np.testing.assert_allclose(np.trapezoid(dens, np.asarray(grid)), 1.0, atol=1e-3)
-    exact = np.mean(np.exp(-0.5 * ((np.asarray(grid)[:, None] - w[None]) / sigma) ** 2), axis=1) / (
-        sigma * np.sqrt(2 * np.pi))
-    # pointwise standard error over probes
+    # the density from the returned nodes/weights in numpy, and against the exact smoothed density
     d = np.asarray(grid)[:, None, None] - np.asarray(res.nodes)[None]
     per = np.sum(np.asarray(res.weights)[None] * np.exp(-0.5 * (d / sigma) ** 2), axis=2) / (sigma * np.sqrt(2 * np.pi))
+    np.testing.assert_allclose(dens, per.mean(axis=1), rtol=1e-12, atol=1e-15)
+    exact = np.mean(np.exp(-0.5 * ((np.asarray(grid)[:, None] - w[None]) / sigma) ** 2), axis=1) / (
+        sigma * np.sqrt(2 * np.pi))
     se = per.std(axis=1, ddof=1) / np.sqrt(per.shape[1])
     assert np.all(np.abs(dens - exact) <= 4 * se + 1e-6)
 

@@ -11,8 +11,10 @@
   the latest checkpoint.
 * :func:`save_tree` / :func:`restore_tree`: one pytree of arrays in a directory.
 Both loops write under ``workdir/checkpoints/<name>/`` and take ``workdir=None`` to disable checkpointing.
-Set ``ALIGNMENT_GEOM_CRASH_AFTER=NAME:K`` to make the loop ``NAME`` exit (status 137, as if killed) right
-after saving its K-th step: a deterministic interruption for resume tests.
+Crash hook (:data:`CRASH_ENV`): with ``ALIGNMENT_GEOM_CRASH_AFTER=NAME:K`` in the environment, the loop ``NAME``
+kills its own process with SIGKILL right after the K-th checkpoint is written and flushed (shell status 137,
+``subprocess`` returncode −9): a deterministic interruption for resume tests, with no race against a poll of the
+checkpoint directory. K counts loop steps (chunks for :func:`checkpointed_map`); unset or non-matching: no effect.
 """
 from __future__ import annotations
 
