@@ -2,11 +2,28 @@
 and write valid JSON. No timing is asserted (timings on a shared CI machine are not a test)."""
 import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    """Compile without LLVM's expensive passes (the smoke tests time nothing; XLA's flop counts and buffer
+    assignment, which they check, are unchanged); a child process inherits it through the environment."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    env = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
+    jax.config.update("jax_disable_most_optimizations", True)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+    if env is None:
+        os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    else:
+        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
 
 
 def test_run_quick_writes_json(tmp_path):
