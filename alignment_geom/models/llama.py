@@ -242,20 +242,12 @@ def _apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
-def _matmul_t(x, w):
-    """x Wᵀ over the last axis of x (..., in) with W (out, in), as one 2-D GEMM on the flattened rows, so the
-    weight gradient in the backward pass, Σ_rows dy ⊗ x, is a plain GEMM too (a dot contracting the two axes
-    (B, T) at once is much slower on XLA:CPU)."""
-    lead = x.shape[:-1]
-    return jnp.dot(x.reshape(-1, x.shape[-1]), w.T).reshape(lead + (w.shape[0],))
-
-
 def _proj(x, lp, lora, name, scale):
     """x Wᵀ for the layer's weight ``name``, plus the LoRA update s·(x Aᵀ) Bᵀ when ``lora`` adapts it."""
-    y = _matmul_t(x, lp[name])
+    y = jnp.einsum("btd,od->bto", x, lp[name])
     if lora is not None and name in lora:
         ab = lora[name]
-        y = y + (scale * _matmul_t(_matmul_t(x, ab["A"]), ab["B"])).astype(y.dtype)
+        y = y + (scale * jnp.einsum("btr,or->bto", jnp.einsum("btd,rd->btr", x, ab["A"]), ab["B"])).astype(y.dtype)
     return y
 
 
@@ -279,16 +271,12 @@ def _block(cfg: LlamaConfig, h, lp, lora, lora_scale, cos, sin, allowed, kv=None
         zero, at = jnp.zeros((), jnp.int32), jnp.asarray(index, jnp.int32)
         k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (zero, at, zero, zero))
         v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (zero, at, zero, zero))
-    # batched GEMMs over (B, K) with the G query heads of a group and the T positions as one row axis, so every
-    # dot in the forward and backward passes contracts a single axis
-    S = k.shape[1]
-    qg = q.reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, d)
-    s = (jnp.einsum("bkqd,bksd->bkqs", qg, kt) * (d ** -0.5)).reshape(B, K, G, T, S)
+    qg = q.reshape(B, T, K, G, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k) * (d ** -0.5)
     sf = s.astype(jnp.promote_types(s.dtype, jnp.float32))
     bias = jnp.where(allowed, jnp.zeros((), sf.dtype), jnp.finfo(sf.dtype).min)  # additive mask, as the reference
-    p = softmax(sf + bias[:, None, None]).astype(q.dtype).reshape(B, K, G * T, S)
-    att = jnp.einsum("bkqs,bksd->bkqd", p, vt).reshape(B, K, G, T, d).transpose(0, 3, 1, 2, 4).reshape(B, T, H * d)
+    p = softmax(sf + bias[:, None, None]).astype(q.dtype)
+    att = jnp.einsum("bkgts,bskd->btkgd", p, v).reshape(B, T, H * d)
     h = h + _proj(att, lp, lora, "o", lora_scale)
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     mlp = silu(_proj(x, lp, lora, "gate", lora_scale)) * _proj(x, lp, lora, "up", lora_scale)
