@@ -1,7 +1,7 @@
 """Curvature operators: each operator's cost divided by one jitted gradient on the same batch.
 
-For each benchmark model (benchmarks/models.py: the ~1M-parameter tanh MLP, batch 512, and the small
-causal transformer) it compiles, then times round-robin in one run:
+For each benchmark problem (benchmarks/models.py: the ~1M-parameter tanh MLP, batch 512, and the small Llama)
+it compiles, then times round-robin in one run:
 
     grad            ∇L(θ)                                    (the unit)
     hvp             H·v  (alignment_geom.curvature.hvp, forward-over-reverse)
@@ -12,15 +12,12 @@ causal transformer) it compiles, then times round-robin in one run:
     third_order     D³L[u, v, ·]
     flow_taylor4    [c_1..c_4] of θ(t) − θ* along gradient flow
 
-and reports median paired ratios t(op)/t(grad), XLA's flop count of each op / the gradient's (the
-arithmetic floor of that formulation: a time ratio close to it means the op runs as efficiently as
-the gradient), and peak memory (XLA memory_analysis: temp +
-output bytes) relative to the gradient's. The floor: an HVP cannot cost less than about one gradient
-(it needs at least a forward and a backward pass through the network).
-
-Alternative HVP formulations (reverse-over-forward, reverse-over-reverse) and a prototype F·v
-(``fisher_vp_matsum``: the softmax-Hessian row sum as a matmul, which avoids an XLA:CPU YNN reduce
-fusion of the whole Jv chain) are timed alongside, as references for the library's choices.
+and reports, per operator: the median paired time ratio t(op)/t(grad); the flop ratio (XLA's cost analysis
+of the compiled op / of the gradient: the arithmetic of that formulation, so time/flop = 1 means the op runs
+at the gradient's efficiency; one linearized matvec's flops = hvp's − grad's, the primal pass it skips); their
+quotient time/flop (the bar: ≤ 1.1); and peak memory (XLA memory_analysis: temp + output bytes) relative to the
+gradient's (third_order's bar: ≤ 4×). hvp_rev_rev (reverse-over-reverse, torch's formulation) is timed as a
+reference.
 
 Run alone: ``python -m benchmarks.curvature [--quick] [--json PATH]``.
 """
@@ -46,7 +43,10 @@ from benchmarks import (
 )
 from benchmarks.models import get_model, n_params
 
-TARGETS = {"hvp": 2.0, "linearized_hvp": 1.8, "fisher_vp": 2.0, "third_order": 5.0}
+# time/flop bar of every operator, and third_order's peak-memory bar (× a gradient's peak)
+TIME_PER_FLOP_TARGET = 1.1
+BARRED = ("hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "flow_taylor4")
+MEMORY_TARGETS = {"third_order": 4.0}
 K_MATVEC = 6
 
 
@@ -74,7 +74,8 @@ def operator_functions(model, k_matvec: int = K_MATVEC):
     from alignment_geom import curvature as C
 
     loss_fn, logits_fn, logprob_fn = model.loss_fn, model.logits_fn, model.logprob_fn
-    p, batch, inputs = model.params, model.batch, model.inputs
+    p, batch, inputs, safety = model.params, model.batch, model.inputs, model.safety_batch
+    taylor_method = "jvp" if model.name == "transformer" else "jet"
     ku, kv = jax.random.split(jax.random.PRNGKey(1))
     leaves, treedef = jax.tree_util.tree_flatten(p)
     u = _normalize(jax.tree_util.tree_unflatten(
@@ -86,38 +87,25 @@ def operator_functions(model, k_matvec: int = K_MATVEC):
         mv = C.linearized_hvp(loss_fn, params, b)
         return jax.lax.fori_loop(0, K, lambda i, w: _normalize(mv(w)), v0)
 
-    def fisher_vp_matsum(params, w, x):
-        # prototype for the library: F·v with the softmax-Hessian row sum Σ_c p_c (Jv)_c done as a
-        # matmul with a ones vector instead of a reduce. XLA:CPU's YNN "reduce" fusion otherwise
-        # absorbs the whole Jv dot chain into one slow fused kernel (MLP: 2.5-2.9x -> 1.45x a gradient).
-        z, f_jvp = jax.linearize(lambda q: logits_fn(q, x), params)
-        f_vjp = jax.linear_transpose(f_jvp, params)
-        jv = f_jvp(w)
-        pz = jax.nn.softmax(z, axis=-1)
-        s = (pz * jv) @ jnp.ones((z.shape[-1], 1), z.dtype)
-        return f_vjp((pz * jv - pz * s) * jnp.asarray(z.shape[-1] / z.size, z.dtype))[0]
-
     fns = {
         "grad": (lambda params, b: jax.grad(loss_fn)(params, b), (p, batch)),
         "hvp": (lambda params, w, b: C.hvp(loss_fn, params, w, b), (p, v, batch)),
         "lin_K1": (partial(lin_loop, K=1), (p, batch, v)),
         f"lin_K{k_matvec}": (partial(lin_loop, K=k_matvec), (p, batch, v)),
         "fisher_vp": (lambda params, w, x: C.fisher_vp(logits_fn, params, w, x), (p, v, inputs)),
-        "empirical_fisher_vp": (lambda params, w, b: C.empirical_fisher_vp(logprob_fn, params, w, b), (p, v, batch)),
+        "empirical_fisher_vp": (lambda params, w, b: C.empirical_fisher_vp(logprob_fn, params, w, b), (p, v, safety)),
         "third_order": (lambda params, a, w, b: C.third_order(loss_fn, params, a, w, b), (p, u, v, batch)),
-        "flow_taylor4": (lambda params, b: C.flow_taylor(loss_fn, params, b, 4), (p, batch)),
-        # reference formulations (not library code)
-        "fisher_vp_matsum": (fisher_vp_matsum, (p, v, inputs)),
-        "hvp_rev_fwd": (lambda params, w, b: jax.grad(
-            lambda q: jax.jvp(lambda r: loss_fn(r, b), (q,), (w,))[1])(params), (p, v, batch)),
+        # jet has no rule for lax.scan (the Llama's layer loop): nested jvps there
+        "flow_taylor4": (lambda params, b: C.flow_taylor(loss_fn, params, b, 4, method=taylor_method), (p, batch)),
+        # reference formulation (not library code): reverse-over-reverse, what torch's double backward computes
         "hvp_rev_rev": (lambda params, w, b: jax.grad(
             lambda q: _tree_dot(jax.grad(loss_fn)(q, b), w))(params), (p, v, batch)),
     }
     return fns
 
 
-QUICK_K_MATVEC = 16
-QUICK_OPS = ("grad", "hvp", "lin_K1", f"lin_K{QUICK_K_MATVEC}", "fisher_vp")
+QUICK_K_MATVEC = 64
+QUICK_OPS = ("grad", "hvp", "lin_K1", f"lin_K{QUICK_K_MATVEC}", "fisher_vp", "third_order")
 
 
 def per_matvec_ratio(t_one, t_many, t_grad, k: int):
@@ -153,13 +141,22 @@ def bench_model(model, reps: int = 15, max_seconds: float = 120.0, k_matvec: int
     kname = f"lin_K{k_matvec}"
     lin = [(b - a) / (k_matvec - 1) for a, b in zip(times["lin_K1"], times[kname])]
     ratios = {n: paired_ratio(times, n, "grad") for n in fns if not n.startswith("lin_K")}
-    targets = {k: t for k, t in TARGETS.items() if k in ratios or k == "linearized_hvp"}
     ratios["linearized_hvp"] = per_matvec_ratio(times["lin_K1"], times[kname], times["grad"], k_matvec)
     ratios["linearized_hvp_setup"] = paired_ratio(times, "lin_K1", "grad")
     peak_g = (mem["grad"] or {}).get("peak") or None
     flops_ratio = {n: (flops[n] / flops["grad"] if flops[n] and flops["grad"] else None)
                    for n in fns if not n.startswith("lin_K")}
+    if flops_ratio.get("hvp"):  # one matvec of the linearisation: the HVP's tangent passes, without its primal
+        flops_ratio["linearized_hvp"] = flops_ratio["hvp"] - 1.0
     mem_ratio = {n: (m["peak"] / peak_g if (m and peak_g) else None) for n, m in mem.items()}
+    mem_ratio["linearized_hvp"] = mem_ratio.get("lin_K1")
+    time_per_flop = {n: (ratios[n] / flops_ratio[n] if ratios.get(n) and flops_ratio.get(n) else None)
+                     for n in ratios if n in flops_ratio and n != "grad"}
+    barred = [n for n in BARRED if n in time_per_flop]
+    passed = {n: (None if time_per_flop[n] is None else bool(time_per_flop[n] <= TIME_PER_FLOP_TARGET))
+              for n in barred}
+    mem_pass = {n: (None if mem_ratio.get(n) is None else bool(mem_ratio[n] <= t)) for n, t in MEMORY_TARGETS.items()
+                if n in mem_ratio}
     res = {
         "model": model.name,
         "n_params": n_params(model.params),
@@ -172,24 +169,25 @@ def bench_model(model, reps: int = 15, max_seconds: float = 120.0, k_matvec: int
         "linearized_matvec_median_s": median(lin) if median(lin) > 0 else None,
         "ratio_to_grad": ratios,
         "flops_ratio_to_grad": flops_ratio,
+        "time_per_flop": time_per_flop,
         "peak_memory_bytes": {n: (m["peak"] if m else None) for n, m in mem.items()},
         "peak_memory_ratio_to_grad": mem_ratio,
         "compile_s": compile_s,
-        "targets": targets,
-        "pass": {k: (None if ratios[k] is None else bool(ratios[k] <= t)) for k, t in targets.items()},
+        "targets": {"time_per_flop": TIME_PER_FLOP_TARGET, "peak_memory_ratio": MEMORY_TARGETS},
+        "pass": passed,
+        "memory_pass": mem_pass,
     }
     log(f"[curvature] {model.name}: n={res['n_params']:,} dtype={res['dtype']} rounds={res['rounds']} "
         f"grad={res['grad_median_s'] * 1e3:.1f} ms")
     for n in ["hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "flow_taylor4",
-              "fisher_vp_matsum", "hvp_rev_fwd", "hvp_rev_rev", "linearized_hvp_setup"]:
+              "hvp_rev_rev", "linearized_hvp_setup"]:
         if n not in ratios:
             continue
         mr = mem_ratio.get("lin_K1" if n.startswith("linearized_hvp") else n)
-        fr = flops_ratio.get(n)
+        fr, tf = flops_ratio.get(n), time_per_flop.get(n)
         rt = "unresolved" if ratios[n] is None else f"{ratios[n]:6.2f}x grad"
         log(f"    {n:22s} {rt}   flops {'-' if fr is None else round(fr, 2)}x   "
-            f"peak mem {mr if mr is None else round(mr, 2)}x"
-            + (f"   target <= {TARGETS[n]}" if n in TARGETS else ""))
+            f"time/flop {'-' if tf is None else round(tf, 2)}   peak mem {mr if mr is None else round(mr, 2)}x")
     return res
 
 
@@ -200,13 +198,17 @@ def main(argv=None, quick: bool = False, log=print):
     quick = quick or args.quick
     if args.models is None:
         args.models = "mlp" if quick else "mlp,transformer"
-    reps = 2 if quick else args.reps
+    reps = 5 if quick else args.reps
     out = {}
     for name in args.models.split(","):
         model = get_model(name, quick=quick)
-        out[name] = bench_model(model, reps=reps, max_seconds=5.0 if quick else 150.0,
-                                k_matvec=QUICK_K_MATVEC if quick else K_MATVEC, log=log,
-                                ops=QUICK_OPS if quick else None)
+        try:
+            out[name] = bench_model(model, reps=reps, max_seconds=5.0 if quick else 40.0,
+                                    k_matvec=QUICK_K_MATVEC if quick else K_MATVEC, log=log,
+                                    ops=QUICK_OPS if quick else None)
+        except Exception as e:  # one failing model must not lose the other's results
+            log(f"[curvature] {name} failed: {type(e).__name__}: {e}")
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     write_json(args.json, {"environment": environment(), "curvature": out})
     return out
 

@@ -1,21 +1,26 @@
-"""One command: ``python -m benchmarks.run [--quick] [--out PATH] [--sections curvature,spectral,sweep,torch,llm]``.
+"""One command: ``python -m benchmarks.run [--quick] [--out PATH] [--sections curvature,spectral,...]``.
 
 Measures, in one process and one run, ratios that do not depend on the machine's speed:
 
-1. curvature  each operator's time / one jitted gradient on the same batch (tanh MLP ~1M params,
-              batch 512; small causal transformer), float32; peak memory / the gradient's.
+1. curvature  each operator's time / one jitted gradient on the same batch (tanh MLP ~1M params, batch 512;
+              a small Llama, models.llama), float32: time ratio, XLA's flop ratio, time/flop (bar ≤ 1.1),
+              peak memory / the gradient's (third_order's bar ≤ 4×).
 2. spectral   Lanczos top-20 of the MLP's Fisher: matvecs to convergence, step cost in matvecs,
               compile time vs step count (benchmarks/spectral.py), float64.
 3. sweep      16×16 λ×γ grid of gradient flows: vmapped (one device, and sharded over one XLA host
               device per core) vs a Python loop over the configs, float32.
-4. torch      the same models in PyTorch: reverse-over-reverse HVP vs alignment_geom's (float32), and
-              alignment-risk's ε̂/γ̂ pipeline vs aic.measure (float64); skipped without torch.
-5. llm        a ~28M-parameter Llama (models.forward) vs transformers/torch on the same weights, float32:
-              forward+backward tokens/s and HVP (torch double backward) time (benchmarks/llm.py).
+4. torch      the same problems in PyTorch (the MLP's hand-written mirror; transformers' LlamaForCausalLM on the
+              Llama's weights): HVP and gradient time vs alignment_geom's (float32; the gradient in tokens/s,
+              bar ≥ 1.0), agreement in float64, and alignment-risk's ε̂/γ̂ pipeline vs aic.measure; skipped
+              without torch.
+5. llm        (not in the default run) a ~28M-parameter Llama vs transformers/torch on the same weights,
+              float32: forward+backward tokens/s and HVP time (benchmarks/llm.py).
 
-Prints one table (value, target, pass/fail) and writes ``benchmarks/results.json`` (with the
-environment: versions, device kind, cores). Timings: compile first, then interleave the compared
-functions round-robin and take medians of paired ratios (benchmarks/__init__.py).
+Every section is a module (``SECTIONS``: section name → module name) with
+``main(argv=None, quick=False, log=print) -> dict``; ``SECTION_ARGV`` holds the arguments run.py passes.
+Prints one table (value, target, pass/fail) and writes ``benchmarks/results.json`` (with the environment:
+versions, device kind, cores). Timings: compile first, then interleave the compared functions round-robin and
+take medians of paired ratios (benchmarks/__init__.py).
 
 On GPU/TPU: install the matching jax wheel (e.g. ``pip install -U "jax[cuda12]"``) and run the same
 command; the device kind is recorded in results.json. The torch peer then still runs on CPU.
@@ -23,14 +28,44 @@ command; the device kind is recorded in results.json. The torch peer then still 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import os
 import sys
 import time
 import traceback
 
-SECTIONS = ("curvature", "spectral", "sweep", "torch", "llm")
+SECTIONS = {
+    "curvature": "benchmarks.curvature",
+    "spectral": "benchmarks.spectral",
+    "sweep": "benchmarks.sweep",
+    "torch": "benchmarks.torch_peer",
+    "llm": "benchmarks.llm",
+}
+# the default run (about 6 minutes on 2 CPU cores); any section can be named with --sections
+DEFAULT_SECTIONS = ("curvature", "spectral", "sweep", "torch")
+SECTION_ARGV = {
+    # LOBPCG / randomized comparisons are left to `python -m benchmarks.spectral` (runtime)
+    "spectral": ["--json", os.devnull, "--no-compare"],
+    # on CPU: in a child process with one XLA host device per core (sweep.run_subprocess)
+    "sweep": ["--host-devices", "0"],
+}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+
+
+def run_section(name: str, quick: bool = False, log=print) -> dict:
+    """Import SECTIONS[name] and call its ``main(argv, quick=quick, log=log)`` (``--quick`` in argv for a
+    ``main(argv)`` that takes no keywords)."""
+    mod = importlib.import_module(SECTIONS[name])
+    argv = list(SECTION_ARGV.get(name, []))
+    params = inspect.signature(mod.main).parameters
+    if "quick" in params:
+        kw = {"quick": quick}
+        if "log" in params:
+            kw["log"] = log
+        return mod.main(argv, **kw)
+    return mod.main(argv + (["--quick"] if quick else []))
 
 
 def _fmt(x, nd=2):
@@ -54,15 +89,19 @@ def table_rows(results):
         if not isinstance(r, dict) or "ratio_to_grad" not in r:
             continue
         rt, mem, fl = r["ratio_to_grad"], r["peak_memory_ratio_to_grad"], r.get("flops_ratio_to_grad", {})
-        for op, tgt in (("hvp", 2.0), ("linearized_hvp", 1.8), ("fisher_vp", 2.0), ("fisher_vp_matsum", 2.0),
-                        ("empirical_fisher_vp", None), ("third_order", 5.0), ("flow_taylor4", None)):
+        tpf = r.get("time_per_flop", {})
+        for op in ("hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "flow_taylor4",
+                   "hvp_rev_rev"):
             if op not in rt:
                 continue
-            m = mem.get("lin_K1" if op == "linearized_hvp" else op)
-            f = fl.get(op) if op != "linearized_hvp" else None
-            rows.append((f"curvature/{mname}", f"{op} / grad (flops {_fmt(f)}x, peak mem {_fmt(m)}x)", rt[op],
-                         None if tgt is None else f"<= {tgt}",
-                         None if (tgt is None or rt[op] is None) else rt[op] <= tgt))
+            tf = tpf.get(op)
+            rows.append((f"curvature/{mname}", f"{op}: time {_fmt(rt[op])}x, flops {_fmt(fl.get(op))}x grad; "
+                         f"time/flop", tf, None if op == "hvp_rev_rev" else "<= 1.1",
+                         None if (op == "hvp_rev_rev" or tf is None) else tf <= 1.1))
+            mtgt = (r.get("targets") or {}).get("peak_memory_ratio", {}).get(op)
+            rows.append((f"curvature/{mname}", f"{op}: peak memory / grad's", mem.get(op),
+                         None if mtgt is None else f"<= {mtgt}",
+                         None if (mtgt is None or mem.get(op) is None) else mem[op] <= mtgt))
     sp = results.get("spectral") or {}
     tg = sp.get("targets") or {}
     for key, label in (("lanczos", "Lanczos top-20 matvecs"),
@@ -93,6 +132,11 @@ def table_rows(results):
         if k.startswith("hvp_") and isinstance(r, dict) and "speedup_hvp" in r:
             rows.append((f"torch/{r['model']}", "torch HVP time / jax hvp time", r["speedup_hvp"], ">= 5.0",
                          r["speedup_hvp"] >= 5.0))
+            if "tokens_per_s" in r:
+                rows.append((f"torch/{r['model']}", "gradient tokens/s, jax / torch", r["speedup_grad"], ">= 1.0",
+                             r["speedup_grad"] >= 1.0))
+            else:
+                rows.append((f"torch/{r['model']}", "gradient time, torch / jax", r["speedup_grad"], None, None))
             rows.append((f"torch/{r['model']}", "HVP rel. diff torch vs jax (float64)", r["hvp_rel_diff_float64"],
                          "<= 1e-5", r["agree"]))
             rf = r.get("roofline")
@@ -141,12 +185,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="alignment_geom benchmarks (one process, one run)")
     ap.add_argument("--quick", action="store_true", help="tiny models, few rounds (smoke test; not a measurement)")
     ap.add_argument("--out", default=DEFAULT_OUT, help="results JSON (default benchmarks/results.json)")
-    ap.add_argument("--sections", default=",".join(SECTIONS))
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help=f"a subset of {', '.join(SECTIONS)}")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     sections = [s for s in args.sections.split(",") if s]
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
-        raise ValueError(f"unknown sections {bad}; expected a subset of {SECTIONS}")
+        print(f"error: unknown sections {bad}; expected a subset of {list(SECTIONS)}", file=sys.stderr)
+        raise SystemExit(2)
 
     import jax
 
@@ -161,29 +206,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         print(f"=== {sec}", flush=True)
         try:
-            if sec == "curvature":
-                from benchmarks import curvature
-
-                results[sec] = curvature.main([], quick=args.quick)
-            elif sec == "spectral":
-                from benchmarks import spectral
-
-                # LOBPCG / randomized comparisons are left to `python -m benchmarks.spectral` (runtime)
-                sargv = ["--json", os.devnull, "--no-compare"] + (["--quick"] if args.quick else [])
-                results[sec] = spectral.main(sargv)
-            elif sec == "sweep":
-                from benchmarks import sweep
-
-                # on CPU: in a child process with one XLA host device per core (sweep.run_subprocess)
-                results[sec] = sweep.main(["--host-devices", "0"], quick=args.quick)
-            elif sec == "torch":
-                from benchmarks import torch_peer
-
-                results[sec] = torch_peer.main([], quick=args.quick)
-            elif sec == "llm":
-                from benchmarks import llm
-
-                results[sec] = llm.main([], quick=args.quick)
+            results[sec] = run_section(sec, quick=args.quick)
         except Exception as e:  # one failing section must not lose the others' results
             traceback.print_exc()
             results[sec] = {"error": f"{type(e).__name__}: {e}"}

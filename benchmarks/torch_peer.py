@@ -1,12 +1,15 @@
 """The PyTorch peer: the same models and data in PyTorch (CPU), against alignment_geom.
 
-Two comparisons, both on the exact weights and data of benchmarks/models.py:
+Two comparisons, both on the exact weights and data of benchmarks/models.py (the MLP's torch mirror is written
+by hand here; the transformer's is transformers' ``LlamaForCausalLM`` loaded from ``models.save_pretrained``):
 
 * **HVP**: the reverse-over-reverse Hessian-vector product that PyHessian and alignment-risk compute
   (g = ∇L with ``create_graph=True``, then H v = ∇(g·v): one forward, a backward that records its own
   graph, and a backward through that graph), against ``alignment_geom.curvature.hvp`` jitted
   (forward-over-reverse). Wall times interleaved, float32 (both sides); ratio = t_torch / t_jax.
-  Agreement: ‖Hv_torch − Hv_jax‖ / ‖Hv_jax‖ in float64 (both sides).
+  Agreement: ‖Hv_torch − Hv_jax‖ / ‖Hv_jax‖ in float64 (both sides; transformers' RMSNorm and softmax run in
+  float32 even for float64 weights, so the transformer agrees to ~1e-7 there). The plain gradient is timed
+  alongside (the transformer's in tokens/s, torch with sdpa attention).
 * **ε̂ / γ̂ pipeline**: alignment-risk's ``FisherSubspaceAnalyzer`` (per-sample gradients of the
   safety loss, SVD of the m × n gradient matrix: the empirical Fisher F̂ = GᵀG/m, top-d) and
   ``CurvatureCouplingAnalyzer`` (g and H g by double backward; ε̂ = ‖F̂^{1/2} P g‖, γ̂ = ‖F̂^{1/2} P H g‖)
@@ -22,7 +25,6 @@ Run alone: ``python -m benchmarks.torch_peer [--quick] [--json PATH]``.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 
@@ -62,30 +64,29 @@ def _t(x, dtype):
     return torch.tensor(np.asarray(x), dtype=dtype)
 
 
-def build_torch_module(model, dtype_name="float32"):
-    """An nn.Module with the same weights as ``model`` (a BenchModel); ``module.loss(batch)`` = L,
-    ``module.logprob(batch)`` = per-example log π(y|x). The JAX parameter order is kept in
-    ``module.jax_order`` (torch parameter names in jax.tree_util leaf order)."""
-    import jax
+def build_torch_module(model, dtype_name="float32", attn_implementation="eager"):
+    """The PyTorch peer of ``model`` (a benchmarks.models Problem) on the same weights: ``module.loss(batch)`` = L,
+    ``module.parameters()`` / ``named_parameters()``, and ``module.jax_index`` {torch name: (jax leaf index,
+    layer or None)} (jax.tree_util leaf order; a stacked (L, ...) leaf is L torch tensors).
+
+    mlp: a hand-written mirror (``module.logprob(batch)`` = per-example log π(y|x) too). transformer:
+    transformers' ``LlamaForCausalLM`` loaded from the checkpoint ``models.save_pretrained`` writes, with
+    ``attn_implementation`` ("eager": its backward is twice differentiable; "sdpa": the fast one)."""
     import torch
     import torch.nn.functional as Fn
 
     dtype = getattr(torch, dtype_name)
     params = model.params
 
-    class Base(torch.nn.Module):
-        def loss(self, batch):
-            return -self.logprob_tokens(batch).mean()
-
     if model.name == "mlp":
-        class MLP(Base):
+        class MLP(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.n = len(params)
                 for i in range(self.n):
                     self.register_parameter(f"W{i}", torch.nn.Parameter(_t(params[f"l{i}"]["W"], dtype)))
                     self.register_parameter(f"b{i}", torch.nn.Parameter(_t(params[f"l{i}"]["b"], dtype)))
-                self.jax_order = [f"{k}{i}" for i in range(self.n) for k in ("W", "b")]
+                self.jax_index = {f"{k}{i}": (2 * i + j, None) for i in range(self.n) for j, k in enumerate("Wb")}
 
             def forward(self, x):
                 h = x
@@ -95,70 +96,93 @@ def build_torch_module(model, dtype_name="float32"):
                         h = torch.tanh(h)
                 return h
 
-            def logprob_tokens(self, batch):
+            def logprob(self, batch):
                 lp = Fn.log_softmax(self(batch["x"]), dim=-1)
                 return lp.gather(-1, batch["y"][:, None])[:, 0]
 
-            def logprob(self, batch):
-                return self.logprob_tokens(batch)
+            def loss(self, batch):
+                return -self.logprob(batch).mean()
 
-        module = MLP()
-    elif model.name == "transformer":
-        flat = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-        layers = sorted({k.split("/")[0] for k in flat if k.startswith("block")})
-        width = flat["embed"].shape[1]
-        heads = model.config["heads"]
+        return MLP()
+    if model.name == "transformer":
+        return HFPeer(model, dtype_name, attn_implementation)
+    raise ValueError(f"no torch peer for model {model.name!r}")
 
-        class TF(Base):
-            def __init__(self):
-                super().__init__()
-                self.names = list(flat)  # jax leaf order
-                for k, leaf in flat.items():
-                    self.register_parameter(k.replace("/", "__"), torch.nn.Parameter(_t(leaf, dtype)))
-                self.jax_order = [k.replace("/", "__") for k in self.names]
 
-            def p(self, k):
-                return getattr(self, k.replace("/", "__"))
+class HFPeer:
+    """transformers' LlamaForCausalLM on the weights of a transformer Problem (written by models.save_pretrained,
+    read by from_pretrained). ``loss(batch)`` is transformers' own next-token loss with labels = the completion
+    targets at ``pos + 1`` (−100 elsewhere): the same L as ``models.sft_loss``."""
 
-            def dense(self, x, k):
-                return x @ self.p(k + "/kernel") + self.p(k + "/bias")
+    def __init__(self, model, dtype_name="float32", attn_implementation="eager"):
+        import tempfile
 
-            def ln(self, x, k):
-                return Fn.layer_norm(x, (x.shape[-1],), self.p(k + "/scale"), self.p(k + "/bias"), eps=1e-5)
+        import jax
+        import torch
+        import transformers
 
-            def forward(self, toks):
-                T = toks.shape[-1]
-                nh = self.n_heads
-                dh = width // nh
-                h = self.p("embed")[toks] + self.p("pos")[:T]
-                causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
-                for b in layers:
-                    x = self.ln(h, f"{b}/ln1")
-                    q, k, v = self.dense(x, f"{b}/qkv").split(width, dim=-1)
-                    q, k, v = (t.reshape(t.shape[:-1] + (nh, dh)) for t in (q, k, v))
-                    att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-                    att = torch.where(causal, att, torch.tensor(-1e9, dtype=att.dtype))
-                    o = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(att, dim=-1), v)
-                    h = h + self.dense(o.reshape(o.shape[:-2] + (width,)), f"{b}/proj")
-                    x = self.ln(h, f"{b}/ln2")
-                    h = h + self.dense(Fn.gelu(self.dense(x, f"{b}/fc1"), approximate="tanh"), f"{b}/fc2")
-                h = self.ln(h, "ln_f")
-                return self.dense(h, "head")
+        from alignment_geom import models as M
+        from benchmarks.models import llama_config
 
-            def logprob_tokens(self, batch):
-                t = batch["tokens"]
-                lp = Fn.log_softmax(self(t[:, :-1]), dim=-1)
-                return lp.gather(-1, t[:, 1:, None])[..., 0]
+        cfg = llama_config(model)
+        with tempfile.TemporaryDirectory() as d:
+            M.save_pretrained(cfg, model.params, d)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                d, dtype=getattr(torch, dtype_name), attn_implementation=attn_implementation)
+        self.model.train(False)
+        names = M.hf.hf_names(cfg)
+        self.jax_index = {}
+        for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(model.params)[0]):
+            keys = [getattr(k, "key", k) for k in path]
+            if keys[0] == "layers":
+                for layer, n in enumerate(names["layers"][keys[1]]):
+                    self.jax_index[n] = (i, layer)
+            else:
+                self.jax_index[names[keys[0]]] = (i, None)
+        own = [n for n, _ in self.model.named_parameters()]
+        if sorted(own) != sorted(self.jax_index):
+            raise ValueError(f"parameter names differ: {sorted(set(own) ^ set(self.jax_index))}")
 
-            def logprob(self, batch):
-                return self.logprob_tokens(batch).sum(-1)
+    def parameters(self):
+        return self.model.parameters()
 
-        module = TF()
-        module.n_heads = heads
-    else:
-        raise ValueError(f"no torch mirror for model {model.name!r}")
-    return module
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+    def loss(self, batch):
+        import torch
+
+        tok, mask = batch["tokens"], batch["attention_mask"]
+        labels = torch.full_like(tok, -100)
+        rows = torch.arange(tok.shape[0])[:, None].expand_as(batch["pos"])
+        real = batch["weights"] > 0
+        labels[rows[real], batch["pos"][real] + 1] = batch["targets"][real]
+        kw = {}
+        if not bool(mask.all()):
+            kw = dict(attention_mask=mask, position_ids=torch.clamp(torch.cumsum(mask, 1) - 1, min=0))
+        return self.model(input_ids=tok, labels=labels, **kw).loss
+
+
+def torch_leaves(module, leaves, dtype):
+    """jax leaves (numpy, jax.tree_util order) → torch tensors in ``module.parameters()`` order."""
+    out = []
+    for n, _ in module.named_parameters():
+        i, layer = module.jax_index[n]
+        x = np.asarray(leaves[i]) if layer is None else np.asarray(leaves[i])[layer]
+        out.append(_t(x, dtype))
+    return out
+
+
+def jax_flat(module, tensors):
+    """torch tensors in ``module.parameters()`` order → one float64 vector in jax.tree_util leaf order."""
+    parts = {}
+    for (n, _), t in zip(module.named_parameters(), tensors):
+        i, layer = module.jax_index[n]
+        parts[(i, -1 if layer is None else layer)] = t.detach().double().numpy().ravel()
+    return np.concatenate([parts[k] for k in sorted(parts)])
 
 
 def torch_batch(model):
@@ -228,6 +252,9 @@ def _roofline(flops, med, quick=False):
 
 
 def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
+    """HVP and gradient of one benchmark model, JAX against its torch peer: agreement in float32 and float64,
+    times in float32 (alternating per-framework blocks). The transformer's torch gradient runs with sdpa
+    attention (its fastest), its double-backward HVP with eager attention."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -246,26 +273,25 @@ def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
         rng = np.random.default_rng(3)
         v_np = [rng.standard_normal(x.shape) for x in leaves]
         v = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x, jdt) for x in v_np])
-        order = {name: i for i, name in enumerate(module.jax_order)}
-        tparams = [n for n, _ in module.named_parameters()]
-        vs = [torch.tensor(v_np[order[n]], dtype=tdt) for n in tparams]
+        vs = torch_leaves(module, v_np, tdt)
         fj, tcomp = compile_fn(lambda p, w, b: C.hvp(model.loss_fn, p, w, b), model.params, v, model.batch)
         hv_j = fj(model.params, v, model.batch)
         hv_t = torch_hvp(module, tb, vs)
         hj = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(hv_j)])
-        ht = np.concatenate([np.ravel(hv_t[tparams.index(n)].detach().numpy().astype(np.float64))
-                             for n in module.jax_order])
+        ht = jax_flat(module, hv_t)
         rel = float(np.linalg.norm(hj - ht) / np.linalg.norm(hj))
         lj = float(model.loss_fn(model.params, model.batch))
         loss_rel = abs(lj - float(module.loss(tb).detach())) / abs(lj)
         out[f"hvp_rel_diff_{dt_name}"] = rel
         out[f"loss_rel_diff_{dt_name}"] = loss_rel
         if dt_name == "float32":
-            gj, _ = compile_fn(lambda p, b: jax.grad(model.loss_fn)(p, b), model.params, model.batch)
+            gj, _ = compile_fn(lambda p, b: jax.value_and_grad(model.loss_fn)(p, b), model.params, model.batch)
+            gmod = module if model_name == "mlp" else build_torch_module(model, dt_name, "sdpa")
+            gparams = list(gmod.parameters())
 
             def t_grad():
-                params = list(module.parameters())
-                return torch.autograd.grad(module.loss(tb), params)
+                loss = gmod.loss(tb)
+                return loss, torch.autograd.grad(loss, gparams)
 
             rev_rev = jax.jit(lambda p, w, b: jax.grad(
                 lambda q: tree_dot(jax.grad(model.loss_fn)(q, b), w))(p))
@@ -288,6 +314,10 @@ def bench_hvp(model_name: str, quick: bool = False, reps: int = 10, log=print):
                 "jax_compile_s": tcomp,
                 "xla_flops": flops,
             })
+            if model_name == "transformer":
+                ntok = int(np.asarray(model.batch["weights"]).sum())
+                out["tokens"] = ntok
+                out["tokens_per_s"] = {"jax_grad": ntok / med["jax_grad"], "torch_grad": ntok / med["torch_grad"]}
             out["roofline"] = _roofline(flops, med, quick=quick)
     out["agree"] = bool(out["hvp_rel_diff_float64"] <= AGREE_TOL)
     out["pass"] = bool(out["speedup_hvp"] >= TARGET_SPEEDUP)

@@ -2,7 +2,12 @@
 
 Every checkpoint is a tiny random model written here by transformers (hidden 32, 2 layers, vocab 96, weights
 ~N(0, 0.3²) so the logits are O(5) and differences show); nothing is downloaded. Logit tolerance: float32,
-max |z − z_ref| ≤ 1e-5 · max(1, max |z_ref|)."""
+max |z − z_ref| ≤ 1e-5 · max(1, max |z_ref|).
+
+The run time is XLA compilation (the programs are tiny): each reference checkpoint is built once per module,
+each compiled function is shared between the tests that use it, and the module compiles with XLA's backend
+optimisations off (``jax_disable_most_optimizations``: the same HLO and buffer assignment, cheaper code
+generation)."""
 import dataclasses
 import json
 import os
@@ -53,6 +58,16 @@ def _randomize(model, seed):
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
             p.copy_(1 + 0.2 * noise if "norm" in n else 0.3 * noise)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compiles():
+    """Compile this module's programs without LLVM's expensive passes (~40 % less compile time; XLA's HLO
+    passes and buffer assignment, hence memory_analysis, are unchanged)."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
@@ -507,11 +522,19 @@ def _random_like(params):
                                   params)
 
 
-def test_sharded_forward_grad_hvp_fisher_equal_unsharded(sharded_setup, data):
-    cfg, p1, p8, mesh = sharded_setup
+@pytest.fixture(scope="module")
+def llama_curv(sharded_setup, data):
+    """(v, _curv of the unsharded float64 llama problem at v): computed once, used by the two tests below."""
+    cfg, p1, _, _ = sharded_setup
     ft, safe = _sft_batches(data["tok"])
     v = _random_like(p1)
-    out1 = _curv(M.lm_problem(cfg, p1, ft, safe), v)
+    return v, _curv(M.lm_problem(cfg, p1, ft, safe), v)
+
+
+def test_sharded_forward_grad_hvp_fisher_equal_unsharded(sharded_setup, llama_curv, data):
+    cfg, p1, p8, mesh = sharded_setup
+    ft, safe = _sft_batches(data["tok"])
+    v, out1 = llama_curv
     v8 = jax.device_put(v, M.param_shardings(cfg, mesh))
     out8 = _curv(M.lm_problem(cfg, p8, ft, safe), v8)
     assert out8[1]["layers"]["q"].sharding.spec[1] == "fsdp"  # the gradient stays sharded like the params
@@ -520,7 +543,7 @@ def test_sharded_forward_grad_hvp_fisher_equal_unsharded(sharded_setup, data):
     assert _rel(out1[3], v) > 0
 
 
-def test_flow_taylor_and_aic_measure_run(ckpts, sharded_setup, data):
+def test_flow_taylor_and_aic_measure_run(ckpts, sharded_setup, llama_curv, data):
     """aic.measure end to end (its flow_taylor with method="jvp", nested forward mode through lax.scan and
     jax.checkpoint; the empirical Fisher of the safe completions, exact from the Gram matrix): on the full
     parameters of the Llama model, where ‖g‖ and ‖Hg‖ from the Taylor coefficients c₁ = −g, c₂ = Hg/2 equal
@@ -529,7 +552,7 @@ def test_flow_taylor_and_aic_measure_run(ckpts, sharded_setup, data):
     ft, safe = _sft_batches(data["tok"])
     prob = M.lm_problem(cfg, params, ft, safe, name="llama")
     rep = aic.measure(prob, 2, fisher=aic.EmpiricalFisher(method="gram"), taylor_method="jvp")
-    _, g, hg, _ = _curv(prob, _random_like(params))
+    _, g, hg, _ = llama_curv[1]
     nrm = lambda t: float(jnp.sqrt(sum(jnp.vdot(x, x) for x in jax.tree_util.tree_leaves(t))))
     np.testing.assert_allclose([rep.g_norm, rep.hg_norm], [nrm(g), nrm(hg)], rtol=1e-10)
     assert rep.n == M.llama.param_count(params) and np.all(np.isfinite(rep.eigvals)) and rep.eigvals[0] > 0
