@@ -61,6 +61,8 @@ def main(argv=None, quick=False, log=print) -> dict:
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "sketch.json"))
     ap.add_argument("--m", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--ks", default=None, help="comma-separated sketch dimensions of the sparse kinds")
+    ap.add_argument("--no-vectors", action="store_true", help="skip the return_vectors=True row")
     ap.add_argument("--gaussian-k", type=int, default=None, help="k of the dense Gaussian reference (0: skip)")
     args = ap.parse_args([] if argv is None else argv)
     quick = quick or args.quick
@@ -77,7 +79,7 @@ def main(argv=None, quick=False, log=print) -> dict:
     cfg, params = _model(quick)
     n = n_params(params)
     m = args.m or (12 if quick else 100)
-    ks = (64,) if quick else (1024, 4096)
+    ks = tuple(int(x) for x in args.ks.split(",")) if args.ks else ((64,) if quick else (1024, 4096))
     k_ref = ks[-1]
     comps = (8, 1) if quick else (128, 1)
     reps = args.reps or (2 if quick else 3)
@@ -96,7 +98,8 @@ def main(argv=None, quick=False, log=print) -> dict:
 
         def grads_only(p, b):
             def chunk(exs):
-                g = jax.vmap(lambda ex: jax.grad(lambda q: lp_fn(q, jax.tree_util.tree_map(lambda x: x[None], ex))[0])(p))(exs)
+                g = jax.vmap(lambda ex: jax.grad(
+                    lambda q: lp_fn(q, jax.tree_util.tree_map(lambda x: x[None], ex))[0])(p))(exs)
                 return sum(jnp.sum(x) for x in jax.tree_util.tree_leaves(g))
             nfull = m // B
             full = jax.tree_util.tree_map(lambda x: x[:nfull * B].reshape((nfull, B) + x.shape[1:]), b)
@@ -110,7 +113,7 @@ def main(argv=None, quick=False, log=print) -> dict:
         gk = args.gaussian_k if args.gaussian_k is not None else (64 if quick else 256)
         configs = [("sparse_sign", k, False) for k in ks] + [("countsketch", k_ref, False)]
         configs += [("gaussian", gk, False)] if gk else []
-        if C == comps[0]:
+        if C == comps[0] and not args.no_vectors:
             configs += [("sparse_sign", k_ref, True)]
         for kind, k, vec in configs:
             name = f"{kind} k={k}" + (" +vectors" if vec else "")
