@@ -15,8 +15,8 @@ parameters, float32), m = 100 examples, each a prompt of 16 tokens and a complet
 
 Each function is compiled first (compile seconds reported apart) and timed interleaved; ratios are the
 median of paired ratios. The Gaussian (the paper's dense S, n·k draws and 2nk flops per chunk) is timed
-at k = 256 only (--gaussian-k; its cost grows ∝ k: it is the slow reference). Accuracy: the top eigenvalues of every kind against the exact
-Gram eigenvalues (``linalg.gram_eigenpairs``) of the same gradients.
+at k = 256 only (--gaussian-k; its cost grows ∝ k: it is the slow reference). Accuracy: the top
+eigenvalues of every kind against the exact Gram eigenvalues (``linalg.gram_eigenpairs``) of the same gradients.
 
 Run: ``python -m benchmarks.sketch [--quick] [--json PATH]``. Writes benchmarks/sketch.json.
 """
