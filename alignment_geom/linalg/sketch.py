@@ -381,7 +381,8 @@ def random_subspace_fisher(logprob_fn: Callable, params: PyTree, batch: Any, k: 
 
     For m examples (the paper: 100 safe completions), gᵢ = ∇_θ log π_θ(yᵢ|xᵢ) at θ* (masked: the
     block-wise restriction), zᵢ = S gᵢ ∈ ℝᵏ with the random S of ``kind`` (:func:`sketch`; the paper: a
-    dense Gaussian, k = 4096), then eigh of the k×k Fisher F_S = (1/m) Σ zᵢzᵢᵀ = S F̂ Sᵀ.
+    dense Gaussian, k = 4096), then the eigenpairs of the k×k Fisher F_S = (1/m) Σ zᵢzᵢᵀ = S F̂ Sᵀ (through
+    the m×m Gram matrix (1/m) Z Zᵀ when m < k: same nonzero spectrum, w_j = Zᵀu_j/√(mλ_j)).
     With "jl" normalisation the nonzero eigenvalues of F_S are those of (1/m) G SᵀS Gᵀ, so by
     Ostrowski's theorem λ_j(F_S)/λ_j(F̂) ∈ [λ_min, λ_max] of W = (SV)ᵀ(SV) (V: an orthonormal basis of
     G's row space, r = rank G); every kind has E‖W − I‖²_F ≤ r(r+1)/k (Gaussian: a Wishart matrix with
@@ -424,9 +425,17 @@ def random_subspace_fisher(logprob_fn: Callable, params: PyTree, batch: Any, k: 
         return jax.vmap(grad_one)(exs)
 
     Z = _map_chunks(lambda exs: sk.apply_batch(grads(exs), mask), batch, m, B)     # (m, k)
-    FS = (Z.T @ Z) / m
-    lam, W = jnp.linalg.eigh(0.5 * (FS + FS.T))
-    lam, W = lam[::-1][:r], W[:, ::-1][:, :r]
+    if m < k:
+        # F_S = (1/m) ZᵀZ has rank ≤ m: its eigenpairs from the m×m Gram matrix K_S = (1/m) Z Zᵀ = U Σ Uᵀ,
+        # w_j = Zᵀu_j/√(m σ_j) (O(m²k) instead of the k×k eigh's O(k³))
+        KS = (Z @ Z.T) / m
+        sig, Ug = jnp.linalg.eigh(0.5 * (KS + KS.T))
+        lam, Ug = sig[::-1][:r], Ug[:, ::-1][:, :r]
+        W = (Z.T @ Ug) / jnp.sqrt(jnp.maximum(m * lam, jnp.finfo(Z.dtype).tiny))[None, :]
+    else:
+        FS = (Z.T @ Z) / m
+        lam, W = jnp.linalg.eigh(0.5 * (FS + FS.T))
+        lam, W = lam[::-1][:r], W[:, ::-1][:, :r]
     trace = jnp.sum(Z * Z) / m
     eigvecs = rayleigh = None
     if return_vectors:
