@@ -110,7 +110,7 @@ def test_transpose_reproducible_normalization(kind):
     np.testing.assert_allclose(Ss, S * np.sqrt(k / n), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ("gaussian", "sparse_sign"))   # countsketch: the s = 1 sparse_sign code path
 def test_sharded_equals_unsharded(kind):
     mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
     rng = np.random.default_rng(5)
