@@ -121,7 +121,8 @@ def main(argv=None, quick=False, log=print) -> dict:
             def f(p, b, kind=kind, k=k, vec=vec):
                 rs = linalg.random_subspace_fisher(lp_fn, p, b, k, key=key, kind=kind, example_batch_size=B,
                                                    return_vectors=vec)
-                return rs.eigvals, rs.trace
+                # the vectors must be outputs, or XLA drops their two gradient passes as dead code
+                return (rs.eigvals, rs.trace) + ((rs.rayleigh, rs.eigvecs) if vec else ())
 
             fns[name], comp_s[name] = compile_fn(f, params, batch)
         times = time_interleaved({nm: (fn, (params, batch)) for nm, fn in fns.items()}, reps=reps, warmup=0)
