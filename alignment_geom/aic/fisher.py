@@ -29,6 +29,7 @@ from alignment_geom import curvature
 from alignment_geom.aic.subspace import SensitiveSubspace
 from alignment_geom.linalg import (
     LinearOperator,
+    as_sketch,
     dense_trace,
     gram_eigenpairs_and_trace,
     hutchpp_trace,
@@ -172,12 +173,15 @@ class RandomSubspace(NamedTuple):
     gᵢ = ∇log π(safe completionᵢ | promptᵢ) and a k×n Gaussian S generated blockwise from the key, then the
     eigenpairs of F_S = (1/m) Σ zᵢzᵢᵀ = S F̂ Sᵀ (k×k), mapped back to parameter space through the Gram
     identity (``linalg.random_subspace_fisher``). tr F̂ ≈ (1/m)‖Z‖²_F (method "sketch", no standard error).
+    ``kind``: the sketch S, "gaussian" (the paper's dense S, default), "sparse_sign", "countsketch" or a sketch
+    object (``linalg.SparseSign(s=8)``, ...).
     """
 
     k: int = 4096
     block_size: int = 65536
     example_batch_size: Optional[int] = None
     normalization: str = "jl"
+    kind: Any = "gaussian"
 
     name = "random_subspace"
     method = "sketch"
@@ -185,13 +189,14 @@ class RandomSubspace(NamedTuple):
     def check(self, problem: Problem):
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"RandomSubspace.k must be a positive integer; got {self.k!r}")
+        as_sketch(self.kind, self.k, None)
         problem.require("logprob_fn", "safety_batch")
 
     def _run(self, problem, key, return_vectors):
         return random_subspace_fisher(problem.logprob_fn, problem.params, problem.safety_batch, self.k, key=key,
                                       mask=problem.mask, example_batch_size=self.example_batch_size,
                                       block_size=self.block_size, normalization=self.normalization,
-                                      return_vectors=return_vectors)
+                                      return_vectors=return_vectors, kind=self.kind)
 
     def subspace(self, problem: Problem, k: int, key):
         rs = self._run(problem, key, True)

@@ -9,7 +9,12 @@ from alignment_geom.linalg.eigen import SolverInfo, top_eigenpairs
 from alignment_geom.linalg.gram import gram_eigenpairs, gram_eigenpairs_and_trace
 from alignment_geom.linalg.operator import LinearOperator, as_matrix, as_operator
 from alignment_geom.linalg.sketch import (
+    SKETCH_KINDS,
+    CountSketch,
+    GaussianSketch,
     RandomSubspaceFisher,
+    SparseSign,
+    as_sketch,
     random_sketch_matrix,
     random_subspace_fisher,
     sketch,
@@ -44,4 +49,5 @@ __all__ = [
     "coordinates", "combine", "project", "project_out", "orthonormal_rows", "principal_angles", "cumulative_energy",
     "dim_for_energy", "effective_rank",
     "sketch", "sketch_transpose", "random_sketch_matrix", "RandomSubspaceFisher", "random_subspace_fisher",
+    "GaussianSketch", "SparseSign", "CountSketch", "as_sketch", "SKETCH_KINDS",
 ]

@@ -227,6 +227,121 @@ def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_ev
     return lam, V, info
 
 
+# --------------------------------------------------------------------------- thick-restart Lanczos (bounded memory)
+
+
+def _proj_eig(H, j):
+    """Eigenpairs of the leading j×j block of the symmetrised projected matrix ½(H + Hᵀ) (static size p, dynamic
+    j): the rest is replaced by a decoupled diagonal far below the spectrum. Returns (theta, s, valid)."""
+    p = H.shape[0]
+    i = jnp.arange(p)
+    inside = i < j
+    Hs = 0.5 * (H + H.T)
+    Hs = jnp.where(inside[:, None] & inside[None, :], Hs, 0.0)
+    bound = jnp.sum(jnp.abs(Hs)) + 1.0
+    Hs = Hs + jnp.diag(jnp.where(inside, 0.0, -3.0 * bound))
+    theta, s = jnp.linalg.eigh(Hs)
+    valid = theta > -2.0 * bound
+    return theta, jnp.where(inside[:, None], s, 0.0), valid
+
+
+def _thick_restart_eigenpairs(mv, flat, mflat, k, key, basis_size, max_matvecs, tol, which, X0=None,
+                              basis_dtype=None):
+    """Thick-restart Lanczos (Wu–Simon; the symmetric Krylov–Schur method) with at most p = ``basis_size`` + 1
+    stored basis vectors.
+
+    Keeps A Q_jᵀ = Q_jᵀ H_j + β_j q_j e_jᵀ with Q's rows orthonormal (one classical Gram–Schmidt pass against
+    the stored rows, a second only when the DGKS test ‖w'‖ < ‖w‖/√2 asks for it: two gemvs each on the
+    preallocated (p+1)×n basis) and H = Q A Qᵀ (p×p: tridiagonal plus an arrow after a restart). When the
+    basis is full, H = S Θ Sᵀ; if the k wanted Ritz pairs have |β_p s_{p,i}|/|θ_i| ≤ tol it stops, else it
+    keeps the l = k + ⌊(p − k)/2⌋ best Ritz vectors Y = S_lᵀ Q_p and the residual direction q_p, sets
+    H ← [Θ_l, b; bᵀ, ·] with b = β_p S_{p,l}, and continues the Lanczos recurrence from q_p. ``basis_dtype``
+    (e.g. bfloat16) stores Q at lower precision (arithmetic in the operator's dtype); its Ritz values are then
+    accurate to about the storage precision (the stored basis is orthonormal to O(u_basis) only).
+    """
+    n = flat.shape[0]
+    dtype = flat.dtype
+    p = basis_size
+    l_keep = min(k + (p - k) // 2, p - 1)
+    qdt = dtype if basis_dtype is None else jnp.dtype(basis_dtype)
+    eps_bd = jnp.finfo(dtype).eps ** 0.75
+    tiny = jnp.finfo(dtype).tiny
+    kq, kr = jax.random.split(key)
+    q0 = _rand_like_flat(kq, flat, mflat) if X0 is None else _warm_vector(kq, flat, mflat, X0)
+    Q0 = jnp.zeros((p + 1, n), qdt).at[0].set((q0 / jnp.linalg.norm(q0)).astype(qdt))
+    H0 = jnp.zeros((p + 1, p + 1), dtype)
+
+    def gs(Q, w, j):
+        rows = (jnp.arange(p + 1) <= j).astype(dtype)
+        h = (Q.astype(dtype) @ w) * rows
+        return w - h @ Q.astype(dtype), h
+
+    def wanted(H, j):
+        theta, s, valid = _proj_eig(H[:p, :p], j)
+        idx = _select(theta, p, which, valid)
+        return theta[idx], s[:, idx]
+
+    def residual_est(theta, s, beta):
+        return jnp.abs(beta * s[p - 1, :k]) / jnp.maximum(jnp.abs(theta[:k]), tiny)
+
+    def cond(st):
+        j, _, _, nmv, _, done, _ = st
+        return (nmv < max_matvecs) & ~done
+
+    def body(st):
+        j, Q, H, nmv, nrs, _, scale = st
+        q = Q[j].astype(dtype)
+        w = mv(q)
+        n0 = jnp.linalg.norm(w)
+        w, h = gs(Q, w, j)
+        n1 = jnp.linalg.norm(w)
+        w, h = lax.cond(n1 < 0.7071 * n0, lambda: (lambda r: (r[0], h + r[1]))(gs(Q, w, j)), lambda: (w, h))
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(scale, jnp.maximum(jnp.abs(h[j]), b))
+        breakdown = b <= eps_bd * scale
+
+        def fresh():
+            r = _rand_like_flat(jax.random.fold_in(kr, nmv), flat, mflat)
+            r = gs(Q, gs(Q, r, j)[0], j)[0]
+            return r / jnp.linalg.norm(r)
+
+        w_next = lax.cond(breakdown, fresh, lambda: w / b)
+        b = jnp.where(breakdown, 0.0, b)
+        H = H.at[:, j].set(h).at[j + 1, j].set(b)
+        Q = Q.at[j + 1].set(w_next.astype(qdt))
+        j = j + 1
+        nmv = nmv + 1
+
+        def restart(args):
+            Q, H = args
+            theta, s = wanted(H, p)
+            beta = H[p, p - 1]
+            ok = jnp.asarray(False) if tol is None else jnp.all(residual_est(theta, s, beta) <= tol)
+            Y = (s[:, :l_keep].T @ Q[:p].astype(dtype)).astype(qdt)
+            Qn = Q.at[:l_keep].set(Y).at[l_keep].set(Q[p]).at[l_keep + 1:].set(0)
+            Hn = jnp.zeros_like(H).at[jnp.arange(l_keep), jnp.arange(l_keep)].set(theta[:l_keep])
+            Hn = Hn.at[l_keep, :l_keep].set(beta * s[p - 1, :l_keep])
+            # converged: keep the full basis (the Ritz vectors are formed once, after the loop)
+            return lax.cond(ok, lambda: (jnp.asarray(p), Q, H, ok), lambda: (jnp.asarray(l_keep), Qn, Hn, ok))
+
+        full = j == p
+        j, Q, H, done = lax.cond(full, restart, lambda a: (j, a[0], a[1], jnp.asarray(False)), (Q, H))
+        nrs = nrs + (full & ~done).astype(nrs.dtype)
+        return j, Q, H, nmv, nrs, done, scale
+
+    st = (jnp.asarray(0), Q0, H0, jnp.asarray(0), jnp.asarray(0), jnp.asarray(False), jnp.zeros((), dtype))
+    j, Q, H, nmv, nrs, done, _ = lax.while_loop(cond, body, st)
+    theta, s = wanted(H, j)
+    beta = H[jnp.minimum(j, p), jnp.maximum(j - 1, 0)]
+    lam = theta[:k]
+    V = s[:, :k].T @ Q[:p].astype(dtype)
+    sj = jnp.take(s, jnp.maximum(j - 1, 0), axis=0)[:k]
+    est = jnp.abs(beta * sj) / jnp.maximum(jnp.abs(lam), tiny)
+    converged = jnp.asarray(True) if tol is None else done
+    info = SolverInfo(num_matvecs=nmv, num_iters=nrs, converged=converged, residual_estimates=est)
+    return lam, V, info
+
+
 # --------------------------------------------------------------------------- LOBPCG and randomized
 
 
@@ -307,7 +422,8 @@ def _randomized_eigenpairs(mv, flat, mflat, k, key, max_iters, tol, which, overs
 def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key: jax.Array, method: str = "lanczos",
                    num_steps: Optional[int] = None, tol: Optional[float] = None, which: str = "LA",
                    mask: Optional[PyTree] = None, check_every: int = 1, max_iters: Optional[int] = None,
-                   oversample: int = 10, init: Optional[PyTree] = None, return_info: bool = False):
+                   oversample: int = 10, init: Optional[PyTree] = None, return_info: bool = False,
+                   basis_size: Optional[int] = None, basis_dtype=None):
     """Top-k eigenpairs of a symmetric operator A given as a pytree matvec (e.g. F·v or H·v at θ*).
 
     A v_i = λ_i v_i, λ_1 ≥ … ≥ λ_k (which="LA": largest algebraic; "LM": largest |λ|, sorted by |λ|).
@@ -338,6 +454,14 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
         earlier call at a nearby operator): Lanczos starts from a random combination Σ_i c_i x_i of its rows,
         "randomized" puts them first in its start block. Not for LOBPCG. None = a random start.
       return_info: also return a :class:`SolverInfo` (matvecs used, convergence).
+      basis_size: Lanczos only: bounded memory. None (default) keeps the whole Krylov basis (num_steps + 1
+        vectors); an integer p (≥ k + 2; 2k + 1 is a good choice, ARPACK's default) runs thick-restart Lanczos
+        with at most p + 1 stored vectors, restarting with the best k + ⌊(p − k)/2⌋ Ritz vectors each time the
+        basis fills; ``num_steps`` is then the matvec budget (default 60·p) and convergence is checked once
+        per restart cycle. info.num_iters counts the restarts.
+      basis_dtype: with basis_size, the storage dtype of the basis (e.g. jnp.bfloat16 halves or quarters its
+        memory; the Ritz values are then accurate to about that dtype's precision, the residuals returned are
+        exact).
 
     Returns:
       ``(eigvals (k,), eigvecs, residuals (k,))`` [+ ``info``]: eigvecs is a pytree shaped like
@@ -362,7 +486,19 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
         raise ValueError(f"tol must be positive; got {tol!r}")
     if not jnp.issubdtype(flat.dtype, jnp.floating):
         raise ValueError(f"the operator's vectors must be floating point; got {flat.dtype}")
-    if method == "lanczos":
+    if basis_size is not None or basis_dtype is not None:
+        if method != "lanczos":
+            raise ValueError("basis_size / basis_dtype (thick-restart Lanczos) need method='lanczos'")
+        if basis_size is None:
+            raise ValueError("basis_dtype needs basis_size (the bounded thick-restart mode)")
+        if not isinstance(basis_size, (int, np.integer)) or not k + 2 <= basis_size <= n:
+            raise ValueError(f"basis_size must be an integer in [k + 2, n] = [{k + 2}, {n}]; got {basis_size!r}")
+        budget = 60 * int(basis_size) if num_steps is None else num_steps
+        if not isinstance(budget, (int, np.integer)) or budget < basis_size:
+            raise ValueError(f"num_steps (the matvec budget) must be an integer >= basis_size; got {num_steps!r}")
+        lam, V, info = _thick_restart_eigenpairs(mv, flat, mflat, k, key, int(basis_size), int(budget), tol, which,
+                                                 X0, basis_dtype)
+    elif method == "lanczos":
         if num_steps is None:
             num_steps = min(n, max(3 * k, k + 40))
         if not isinstance(num_steps, (int, np.integer)) or num_steps < k:
