@@ -24,7 +24,7 @@ PRESETS = {
                   epochs_pretrain=8, epochs_align=3, lr_pretrain=1e-2, lr_align=3e-3, n_ft=16, n_eval=16, n_safety=8,
                   d=2, d_exact=4,
                   lanczos_iters=24, k_subspace=64, k_list=(16,), n_aic=8, gd_steps=8, gd_points=4, trace_matvecs=12,
-                  n_pool=32, n_top=16, taylor_order=0, tasks=("samsum", "alpaca_top100"), subspace_chunk=8,
+                  n_pool=32, n_top=16, taylor_order=4, tasks=("samsum", "alpaca_top100"), subspace_chunk=8,
                   du_points=2, intruder_top_k=4),
     "default": dict(),
     "full": dict(width=128, layers=4, heads=8, kv_heads=4, intermediate=352,

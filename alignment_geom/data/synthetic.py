@@ -254,13 +254,12 @@ def lm_batch(data: Dict[str, np.ndarray], slots: int = ANSWER_SLOTS) -> Dict[str
     """The token batch of :mod:`alignment_geom.models.objectives` for a packed dataset, answers as completions:
     tokens (N, T); pos (N, K) = prompt_len − 1 + k (the position whose logits predict answer token k);
     targets (N, K) = the answer tokens (incl. <eos>); weights (N, K) = 1 on the first ``answer_len`` slots.
-    K = ``slots`` for every task (padded slots: weight 0, position clipped), so all tasks share one shape.
+    K = ``slots`` for every task (padded slots: weight 0, position clipped), so all tasks share one shape; a
+    longer answer contributes its first K tokens.
     Right padding needs no attention mask (the model is causal)."""
     tokens = np.asarray(data["tokens"], np.int32)
     N, T = tokens.shape
     plen, alen = np.asarray(data["prompt_len"]), np.asarray(data["answer_len"])
-    if np.any(alen > slots):
-        raise ValueError(f"an answer has {int(alen.max())} tokens > slots = {slots}")
     k = np.arange(slots)[None, :]
     real = k < alen[:, None]
     pos = np.clip(plen[:, None] - 1 + k, 0, T - 2).astype(np.int32)
