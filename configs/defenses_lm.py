@@ -11,8 +11,8 @@ context, init_std, remat, n_pretrain, n_align, batch_size, lr_*, epochs_*), defe
 tasks, n_ft (examples per task; alpaca_top100 takes the n_ft pool examples closest to harmful compliance), n_pool,
 n_eval, n_safety, n_coupling (fine-tuning examples in the Problem's batch: coupling suppression's H(θ*)), d (the
 sensitive subspace), lanczos_iters, batch_size_ft, lr_full, epochs_full, lr_lora, epochs_lora, lora_rank,
-lora_alpha, lora_targets, every / refresh_iters (dynamic projection: refresh period in steps, Lanczos steps of
-a warm refresh), fisher_strength, utility_strength (λ_reg), claim_defense, acc_tolerance (the claim: HS change
+lora_alpha, lora_targets, optimizer, every / refresh_iters (dynamic projection: refresh period in steps, Lanczos
+steps of a warm refresh), fisher_strength, utility_strength (λ_reg), claim_defense, acc_tolerance (the claim: HS change
 at equal task accuracy, within acc_tolerance).
 """
 import ml_collections
@@ -23,7 +23,8 @@ PRESETS = {
     "smoke": dict(width=32, layers=1, heads=2, kv_heads=2, intermediate=64, n_pretrain=300, n_align=100,
                   epochs_pretrain=8, epochs_align=3, lr_pretrain=1e-2, lr_align=3e-3, n_ft=16, n_pool=32, n_eval=16,
                   n_safety=8, n_coupling=8, d=2, lanczos_iters=12, refresh_iters=6, every=2, epochs_full=1,
-                  epochs_lora=1, batch_size_ft=8, tasks=("samsum", "alpaca_top100")),
+                  epochs_lora=1, batch_size_ft=8, tasks=("samsum", "alpaca_top100"),
+                  defenses=("none", "static_projection", "dynamic_projection", "fisher_penalty")),
     "default": dict(),
     "full": dict(width=128, layers=4, heads=8, kv_heads=4, intermediate=352, n_pretrain=8000, n_align=800,
                  n_ft=512, n_pool=4000, n_eval=512, n_safety=100, d=32, lanczos_iters=96, refresh_iters=32),
@@ -48,7 +49,7 @@ def get_config(arg=None):
                   "coupling_suppression")
     c.tasks = ("gsm8k", "orca_math", "samsum", "alpaca", "dolly", "wikitext", "alpaca_top100")
     c.n_ft, c.n_pool, c.n_eval, c.n_safety, c.n_coupling = 128, 1000, 128, 100, 32
-    c.batch_size_ft = 16
+    c.batch_size_ft, c.optimizer = 16, "adam"   # optimizer: adam | sgd, after the defence
     c.lr_full, c.epochs_full = 3e-3, 4
     c.lr_lora, c.epochs_lora = 3e-3, 6
     c.lora_rank, c.lora_alpha = 8, 16.0

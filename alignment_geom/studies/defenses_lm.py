@@ -65,6 +65,7 @@ def validate(config):
               "utility_strength", "acc_tolerance"):
         harness.require_positive(config, f)
     harness.require_choice(config, "dtype", ("float32", "float64"))
+    harness.require_choice(config, "optimizer", ("adam", "sgd"))
     harness.require_choice(config, "architecture", LM.llama.ARCHITECTURES)
     harness.require_choice(config, "remat", LM.llama.REMAT_POLICIES)
     if config.width % config.heads or (config.width // config.heads) % 2:
@@ -105,32 +106,35 @@ def defense_options(config, name: str) -> dict:
     return {}
 
 
-def _subspace(logits_fn, params, safety, d, iters, key):
+def subspace_at(logits_fn, params, safety, d, iters, key):
+    """The top-d Fisher eigenpairs at ``params`` (Lanczos, ``iters`` steps) as a SensitiveSubspace."""
     ev, U, res, _ = LM.exact_fisher(logits_fn, params, safety, d, key=key, num_steps=iters)
     return A.SensitiveSubspace(U, ev, res)
 
 
-@partial(jax.jit, static_argnames=("name", "opts", "method", "lcfg", "cfg", "lr", "bs"))
-def _finetune(theta0, basis, eigvals, residuals, safety, cbatch, data, perms, *, name, opts, method, lcfg, cfg, lr,
-              bs):
-    """Adam through ``chain(defence, adam)`` from θ₀ over the minibatches ``perms`` (steps, bs) of ``data``.
-    Everything task-dependent is an argument, so one compile serves every task. Returns (θ, losses)."""
+@partial(jax.jit, static_argnames=("name", "opts", "method", "lcfg", "cfg", "lr", "optimizer"))
+def finetune(theta0, basis, eigvals, residuals, safety, cbatch, data, perms, *, name, opts, method, lcfg, cfg, lr,
+             optimizer="adam"):
+    """``chain(defence, adam)`` (or sgd) from θ₀ over the minibatches ``perms`` (steps, bs) of ``data``, for
+    method "full" (θ₀ = θ*) or "lora" (θ₀ = the LoRA tree; updates masked to the adapters). The defence's Problem
+    holds θ₀, the SFT loss on ``cbatch`` and the safety skill; the subspace is (basis, eigvals, residuals).
+    Everything task-dependent is an argument, so one compile serves every task. Returns (θ, losses (steps,))."""
     problem = _problem(cfg, lcfg, method, theta0, cbatch, safety)
     sub = A.SensitiveSubspace(basis, eigvals, residuals)
     opts = dict(opts)
     if "key" in opts:
         opts["key"] = jnp.asarray(opts["key"], jnp.uint32)
-    tx = optax.chain(make_defense(name, problem, sub, **opts), optax.adam(lr))
-    if problem.mask is not None:
-        labels = tree_map(lambda m: "train" if m else "freeze", problem.mask)
-        tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-    loss_fn = problem.loss_fn
+    base = optax.adam(lr) if optimizer == "adam" else optax.sgd(lr)
+    tx = optax.chain(make_defense(name, problem, sub, **opts), base)
+    loss_fn, mask = problem.loss_fn, problem.mask
 
     def step(carry, idx):
         p, s = carry
         batch = {k: v[idx] for k, v in data.items()}
         loss, g = jax.value_and_grad(loss_fn)(p, batch)
-        upd, s = tx.update(g, s, p)
+        upd, s = tx.update(g, s, p)  # the defence sees the whole tree and applies the mask itself
+        if mask is not None:
+            upd = tree_map(lambda u, m: u if m else jnp.zeros_like(u), upd, mask)
         return (optax.apply_updates(p, upd), s), loss
 
     (p, _), losses = jax.lax.scan(step, (theta0, tx.init(theta0)), perms)
@@ -143,7 +147,8 @@ def _problem(cfg, lcfg, method, theta0, cbatch, safety) -> Problem:
     return O.lm_problem(cfg, theta0, cbatch, safety, lora=lcfg)
 
 
-def _perms(key, n, bs, epochs):
+def perms_of(key, n, bs, epochs):
+    """(epochs · n // bs, bs) minibatch indices, one permutation per epoch."""
     spe = n // min(bs, n)
     return jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e), n)[: spe * bs].reshape(spe, bs)
                             for e in range(epochs)])
@@ -180,9 +185,10 @@ def run(config, workdir: str) -> dict:
     lcfg = lora.LoRAConfig(config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
     starts = {"full": theta, "lora": lora.lora_tree(theta, lora.init_lora(theta, lcfg, jax.random.fold_in(key, 9)))}
     t0 = time.time()
-    subs = {"full": _subspace(logits_fn, theta, safety, config.d, config.lanczos_iters, jax.random.fold_in(key, 6)),
-            "lora": _subspace(O.LMFunction(cfg, "completion_logits", lcfg, freeze_base=True), starts["lora"], safety,
-                              config.d, config.lanczos_iters, jax.random.fold_in(key, 7))}
+    lora_logits = O.LMFunction(cfg, "completion_logits", lcfg, freeze_base=True)
+    subs = {"full": subspace_at(logits_fn, theta, safety, config.d, config.lanczos_iters, jax.random.fold_in(key, 6)),
+            "lora": subspace_at(lora_logits, starts["lora"], safety, config.d, config.lanczos_iters,
+                                jax.random.fold_in(key, 7))}
     log(f"sensitive subspaces (d = {config.d}): {time.time() - t0:.1f} s; λ₁ full {float(subs['full'].eigvals[0]):.4g},"
         f" LoRA {float(subs['lora'].eigvals[0]):.4g}")
     du_fn = jax.jit(lambda p: curvature.kl_utility(logits_fn, theta, p, safety))
@@ -200,12 +206,12 @@ def run(config, workdir: str) -> dict:
         for ti, task in enumerate(config.tasks):
             data = ft_sets[task]
             n = int(data["tokens"].shape[0])
-            perms = _perms(jax.random.fold_in(key, 100 + ti), n, config.batch_size_ft, epochs[method])
+            perms = perms_of(jax.random.fold_in(key, 100 + ti), n, config.batch_size_ft, epochs[method])
             cb = {k: v[: config.n_coupling] for k, v in data.items()}
             ts = time.perf_counter()
-            p, losses = _finetune(starts[method], sub.basis, sub.eigvals, sub.residuals, safety, cb, data, perms,
-                                  name=name, opts=opts, method=method, lcfg=lcfg, cfg=cfg, lr=float(lrs[method]),
-                                  bs=min(config.batch_size_ft, n))
+            p, losses = finetune(starts[method], sub.basis, sub.eigvals, sub.residuals, safety, cb, data, perms,
+                                 name=name, opts=opts, method=method, lcfg=lcfg, cfg=cfg, lr=float(lrs[method]),
+                                 optimizer=config.optimizer)
             jax.block_until_ready(p)
             times.append((time.perf_counter() - ts) / perms.shape[0])
             pm = merged(p) if method == "lora" else p
