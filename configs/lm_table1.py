@@ -12,7 +12,7 @@ init_std, remat), data sizes (n_pretrain/n_align per task, n_ft, n_eval,
 n_safety = the safe completions of the Fisher, n_pool/n_top for alpaca_top100), optimisation (lr_*, epochs_*,
 batch sizes, LoRA rank/alpha/targets), the Fisher (d = subspace dim, d_exact Lanczos pairs, k_subspace = the
 paper's random-subspace dim of the empirical Fisher, k_list for the convergence check, subspace_chunk = examples
-per vmapped chunk of it), AIC (n_aic batch, gd_lr = η, gd_steps, gd_points, trace_matvecs,
+per vmapped chunk of it), AIC (n_aic batch, gd_lr = η, gd_steps, gd_points,
 aic_energy_min, aic_orth_max), intruder dimensions (top_k, threshold).
 """
 import ml_collections
@@ -23,7 +23,7 @@ PRESETS = {
     "smoke": dict(width=32, layers=1, heads=2, kv_heads=2, intermediate=64, n_pretrain=300, n_align=100,
                   epochs_pretrain=8, epochs_align=3, lr_pretrain=1e-2, lr_align=3e-3, n_ft=16, n_eval=16, n_safety=8,
                   d=2, d_exact=4,
-                  lanczos_iters=24, k_subspace=64, k_list=(16,), n_aic=8, gd_steps=8, gd_points=4, trace_matvecs=12,
+                  lanczos_iters=24, k_subspace=64, k_list=(16,), n_aic=8, gd_steps=8, gd_points=4,
                   n_pool=32, n_top=16, taylor_order=4, tasks=("samsum", "alpaca_top100"), subspace_chunk=8,
                   du_points=2, intruder_top_k=4),
     "default": dict(),
@@ -66,7 +66,6 @@ def get_config(arg=None):
     c.k_subspace, c.k_list, c.subspace_chunk = 1024, (128, 256), 128   # the paper's k = 4096: the :full preset
     # AIC / onset
     c.n_aic, c.gd_lr, c.gd_steps, c.gd_points = 64, 1e-2, 100, 40  # Δu recorded at gd_points log-spaced steps
-    c.trace_matvecs = 300      # Hutch++ matvecs for tr F (aic.measure; exact when n ≤ 2048)
     c.taylor_order = 4         # a_0..a_4 by curvature.utility_taylor (0 = skip: its compile is the slowest step)
     c.taylor_method = "jvp"    # nested jvps ("jet": Taylor mode)
     c.aic_energy_min, c.aic_orth_max = 0.9, 0.1

@@ -204,6 +204,7 @@ def test_exact_fisher_matches_enumeration(tiny, tiny_fishers):
     Um = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(U)).T  # (n, 5)
     np.testing.assert_allclose(np.linalg.norm(Fd @ Um - Um * np.asarray(ev), axis=0), 0, atol=1e-8 * ref[0])
     assert int(info.num_matvecs) == 60 and float(np.max(res)) < 1e-8
+    assert T.fisher_trace(LOGITS, params, safety) == pytest.approx(np.trace(Fd), rel=1e-10)
 
 
 def test_random_subspace_fisher_is_sketch_and_converges(tiny, tiny_fishers):
@@ -341,6 +342,7 @@ def test_pipeline_lambda_eps_gamma_against_enumeration(smoke):
     w, V = w[::-1], V[:, ::-1]
     U = (R.T @ V[:, : c.d_exact]) / np.sqrt(w[: c.d_exact])  # top eigenvectors of F = RᵀR (columns)
     np.testing.assert_allclose(res["spectra"]["exact"], w[: c.d_exact], rtol=1e-8)
+    assert res["spectra"]["trace_F"] == pytest.approx(np.sum(R * R), rel=1e-10)  # tr F = ‖R‖_F²
     d = c.d
     flat, unravel = ravel_pytree(theta)
     for task, batch in batches.items():
@@ -350,6 +352,7 @@ def test_pipeline_lambda_eps_gamma_against_enumeration(smoke):
         Pg, PHg = U[:, :d].T @ g, U[:, :d].T @ Hg
         for r in (r for r in res["table"] if r["task"] == task):
             assert r["lam"] == pytest.approx(w[d - 1], rel=1e-8)
+            assert r["tail"] == pytest.approx(max(np.sum(R * R) - np.sum(w[:d]), 0.0), rel=1e-8)
             assert r["eps"] == pytest.approx(np.linalg.norm(Pg), rel=1e-6)
             assert r["gamma_E"] == pytest.approx(np.linalg.norm(PHg), rel=1e-6)
             assert r["gamma_F"] == pytest.approx(np.sqrt(np.sum(w[:d] * PHg ** 2)), rel=1e-6)
