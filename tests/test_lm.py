@@ -1,5 +1,12 @@
-"""Tests of the small transformer LM, LoRA, the synthetic language + judge, and the Table-1 pipeline.
-float64 (conftest) for every numerical check; the pipeline runs once at smoke scale."""
+"""Tests of the Section-7 study on a tiny Llama-family model: the synthetic language, its tokenizer and judge, LoRA
+over stacked layers, generation, the Fisher estimators and the Table-1 pipeline at smoke scale.
+float64 (conftest) for every numerical check; the pipeline runs once at smoke scale.
+
+Oracles share no code with what they test: the Fisher by class enumeration F = mean_x Σ_y p(y|x) ∇log p ∇log pᵀ
+(jax.jacrev of the log-softmax on ravelled parameters, summed in numpy), losses written from ``llama.forward``'s
+full logits, greedy generation by re-running the model on the growing sequence without a cache, the Taylor
+coefficients aₖ from the derivative tensors of Δu along the flow's Taylor coefficients."""
+import math
 import os
 
 import jax
@@ -11,36 +18,54 @@ from jax.flatten_util import ravel_pytree
 from alignment_geom import aic as A
 from alignment_geom import dynamics, harness, linalg, studies
 from alignment_geom.data import synthetic as D
-from alignment_geom.models import lora
-from alignment_geom.models import transformer as lm
+from alignment_geom.data.tokenizer import load_tokenizer
+from alignment_geom.models import hf, llama, lora
+from alignment_geom.models import objectives as O
 from alignment_geom.studies import lm_table1 as T
 from alignment_geom.testing import assert_trees_all_close
 
-TINY = lm.LMConfig(vocab_size=D.VOCAB_SIZE, context=24, width=8, layers=1, heads=2, mlp_ratio=1, dtype="float64")
+TINY = llama.LlamaConfig(vocab_size=D.VOCAB_SIZE, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                         num_kv_heads=1, head_dim=4, tie_word_embeddings=True, max_position_embeddings=24,
+                         eos_token_id=(D.EOS,), pad_token_id=D.PAD, remat="none")
+LOSS, LOGITS, LOGPROB = T.lm_fns(TINY)
 
 
-def _dense_fisher(logits_fn, params, inputs):
-    """Dense F = mean_x Jᵀ(diag p − ppᵀ)J as AᵀA with A = Λ^{1/2}J/√M (Λ^{1/2}u = √p ⊙ (u − ⟨p, u⟩)):
-    the same oracle as testing.dense_fisher, with a cheap contraction order."""
+def _ref_token_logprobs(cfg, params, batch):
+    """log π(target | prefix) (B, K) from the full (B, T, V) logits of llama.forward (no objectives code)."""
+    z = llama.forward(cfg, params, batch["tokens"])
+    lp = jax.nn.log_softmax(z, axis=-1)
+    at = jnp.take_along_axis(lp, jnp.asarray(batch["pos"])[:, :, None], axis=1)  # (B, K, V)
+    return jnp.take_along_axis(at, jnp.asarray(batch["targets"])[:, :, None], axis=-1)[..., 0] * batch["weights"]
+
+
+def _ref_loss(cfg, params, batch):
+    return -jnp.sum(_ref_token_logprobs(cfg, params, batch)) / jnp.sum(batch["weights"])
+
+
+def _enum_fisher_factor(cfg, params, batch):
+    """Rows √(p_y/M) ∇log p(y | x) over every (x, y), so F = RᵀR (class enumeration, numpy float64)."""
     flat, unravel = ravel_pytree(params)
-    z = logits_fn(params, inputs)
-    C = z.shape[-1]
-    J = jax.jacfwd(lambda f: logits_fn(unravel(f), inputs))(flat).reshape(-1, C, flat.shape[0])
-    p = jax.nn.softmax(z.reshape(-1, C), axis=-1)
-    A = jnp.sqrt(p)[:, :, None] * (J - jnp.einsum("mc,mcn->mn", p, J)[:, None, :])
-    A = A.reshape(-1, flat.shape[0]) / np.sqrt(J.shape[0])
-    return np.asarray(A.T @ A)
+
+    def logsm(f):
+        z = llama.forward(cfg, unravel(f), batch["tokens"])
+        return jax.nn.log_softmax(jnp.take_along_axis(z, jnp.asarray(batch["pos"])[:, :, None], axis=1), axis=-1)
+
+    G = np.asarray(jax.jit(jax.jacrev(logsm))(flat), np.float64)  # (B, K, V, n)
+    p = np.exp(np.asarray(jax.jit(logsm)(flat), np.float64))
+    M = p.shape[0] * p.shape[1]
+    return (np.sqrt(p / M)[..., None] * G).reshape(-1, flat.shape[0])
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = lm.init_params(TINY, jax.random.PRNGKey(0))
+    params = llama.init_params(TINY, jax.random.PRNGKey(0), dtype="float64", std=0.5)
     data = D.make_dataset("harmful", 3, 0, context=24)
-    safety = {"tokens": jnp.asarray(data["tokens"][:, :13]), "pos": jnp.asarray(lm.completion_positions(data, 2))}
+    data = {**data, "tokens": data["tokens"][:, :13]}
+    safety = {k: jnp.asarray(v) for k, v in D.lm_batch(data, 2).items()}
     return params, data, safety
 
 
-# --------------------------------------------------------------------------- language + judge
+# --------------------------------------------------------------------------- language, tokenizer, judge
 
 
 def test_language_deterministic_split_and_judge():
@@ -49,8 +74,7 @@ def test_language_deterministic_split_and_judge():
     train, test = D.harmful_prompts("train"), D.harmful_prompts("test")
     assert len(train) + len(test) == len(D.harmful_prompts())
     assert not {tuple(p) for p in train} & {tuple(p) for p in test}
-    # no benign prompt contains the harmful intent "how to"
-    for t in D.BENIGN_TASKS:
+    for t in D.BENIGN_TASKS:  # no benign prompt contains the harmful intent "how to"
         assert all("how" not in p for p, _ in D.make_pairs(t, 50, 1))
     x = D.make_dataset("gsm8k", 5, 0, context=24)
     for i in range(5):
@@ -70,67 +94,91 @@ def test_language_deterministic_split_and_judge():
         D.make_pairs("nope", 1, 0)
 
 
-# --------------------------------------------------------------------------- model, LoRA, training
+def test_tokenizer_ids_batches_and_roundtrip(tmp_path):
+    """The WordLevel tokenizer gives each word its VOCAB index; saved, it loads with the same ids; lm_batch and
+    prompt_batch put the answer tokens at the documented positions."""
+    tok = D.tokenizer()
+    words = ["<bos>", "tom", "has", "3", "apples", "<sep>", "7", "<eos>"]
+    assert tok.encode(" ".join(words), add_special_tokens=False) == [D.VOCAB.index(w) for w in words]
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (D.PAD, D.EOS, D.BOS)
+    back = load_tokenizer(tok.save(str(tmp_path / "tok")))
+    assert back.encode("sorry cannot help <eos>", add_special_tokens=False) == D.encode(
+        ["sorry", "cannot", "help", "<eos>"])
+    with pytest.raises(ValueError, match="vocabulary"):
+        D.encode(["nope"])
+    pairs = D.make_pairs("alpaca", 6, 2)
+    x = D.pack(pairs, 24)
+    b = D.lm_batch(x)
+    for i, (p, a) in enumerate(pairs):
+        n = len(a) + 1
+        assert b["targets"][i, :n].tolist() == [D.VOCAB.index(w) for w in a] + [D.EOS]
+        assert b["pos"][i, 0] == len(p) + 1 and b["weights"][i].sum() == n  # <bos> p <sep>: <sep> predicts a₀
+    pb = D.prompt_batch(x, 16)
+    for i, (p, _) in enumerate(pairs):
+        row = pb["tokens"][i][pb["attention_mask"][i] == 1]
+        assert row.tolist() == [D.BOS] + [D.VOCAB.index(w) for w in p] + [D.SEP]
+        assert pb["attention_mask"][i, -1] == 1  # left padding
+
+
+# --------------------------------------------------------------------------- LoRA, training, generation
 
 
 def test_lora_merge_init_identity_and_formula(tiny):
-    params, _, _ = tiny
-    lc = lora.LoRAConfig(rank=2, alpha=3.0, targets=("q", "mlp_out"))
+    params, _, safety = tiny
+    lc = lora.LoRAConfig(rank=2, alpha=3.0, targets=("q", "down"))
     ad = lora.init_lora(params, lc, jax.random.PRNGKey(1))
     assert_trees_all_close(lora.merge_lora(params, ad, lc.scale), params, rtol=0, atol=0)  # B = 0
     ad = jax.tree_util.tree_map(lambda x: x + 0.1, ad)
     merged = lora.merge_lora(params, ad, lc.scale)
-    W0, A, B = params["block_0"]["q"]["kernel"], ad["block_0"]["q"]["A"], ad["block_0"]["q"]["B"]
-    np.testing.assert_allclose(merged["block_0"]["q"]["kernel"], W0 + 1.5 * (A @ B), rtol=1e-13, atol=1e-15)
-    assert_trees_all_close(merged["block_0"]["k"], params["block_0"]["k"], rtol=0, atol=0)
-    with pytest.raises(ValueError, match="targets"):
-        lora.LoRAConfig(targets=("nope",))
+    W0, Aq, Bq = (np.asarray(x) for x in (params["layers"]["q"], ad["q"]["A"], ad["q"]["B"]))
+    np.testing.assert_allclose(merged["layers"]["q"][0], W0[0] + 1.5 * (Bq[0] @ Aq[0]), rtol=1e-13, atol=1e-15)
+    assert_trees_all_close(merged["layers"]["k"], params["layers"]["k"], rtol=0, atol=0)
+    # adapters applied at apply time = the merged weights
+    z1 = O.completion_logits(TINY, lora.lora_tree(params, ad), safety, lc)
+    np.testing.assert_allclose(z1, LOGITS(merged, safety), rtol=1e-12, atol=1e-12)
 
 
-def test_lora_training_changes_only_adapters(tiny):
+def test_training_lowers_the_loss_lora_only_changes_adapters(tiny):
     params, _, _ = tiny
-    lc = lora.LoRAConfig(rank=2, alpha=4.0)
+    data = D.lm_batch(D.make_dataset("dolly", 32, 0, context=24))
+    full = jax.jit(lambda p: _ref_loss(TINY, p, data))
+    lc = lora.LoRAConfig(rank=2, alpha=4.0, targets=lora.LLAMA_LORA_TARGETS)
     tree = lora.lora_tree(params, lora.init_lora(params, lc, jax.random.PRNGKey(2)))
-    data = D.make_dataset("dolly", 16, 0, context=24)
-    loss = lambda tr, b: lm.lm_loss(TINY, lora.lora_merged_params(tr, lc), b)  # noqa: E731
-    out, hist = dynamics.train(loss, tree, data, dynamics.TrainConfig(1e-2, 8, 2, optimizer="adamw", weight_decay=0.1),
-                         key=jax.random.PRNGKey(3), mask=lora.lora_mask(tree))
-    assert hist["loss"].shape == (4,)
+    lloss, _, _ = T.lm_fns(TINY, lc)
+    out, hist = dynamics.train(lloss, tree, data, dynamics.TrainConfig(3e-2, 8, 3, optimizer="adam"),
+                               key=jax.random.PRNGKey(3), mask=lora.lora_mask(tree))
+    assert hist["loss"].shape == (12,)
     assert_trees_all_close(out["base"], params, rtol=0, atol=0)  # bit-identical base weights
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(out["lora"]),
-                                                         jax.tree_util.tree_leaves(tree["lora"]))]
-    assert all(changed)
-    # full fine-tuning with the same loop changes the base weights and lowers the loss
-    floss = lambda p, b: lm.lm_loss(TINY, p, b)  # noqa: E731
-    p2, h2 = dynamics.train(floss, params, data, dynamics.TrainConfig(3e-2, 16, 6), key=jax.random.PRNGKey(3),
-                      metric_fn=lambda p: floss(p, data), metric_every=2)
-    assert h2["metric"].shape == (4,) and h2["metric"][-1] < h2["metric"][0]
-    assert not np.array_equal(p2["head"]["kernel"], params["head"]["kernel"])
+    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(out["lora"]),
+                                                         jax.tree_util.tree_leaves(tree["lora"])))
+    l0, l_lora = float(full(params)), float(full(lora.lora_merged_params(out, lc)))
+    assert l_lora < 0.9 * l0, (l0, l_lora)
+    p2, _ = dynamics.train(LOSS, params, data, dynamics.TrainConfig(3e-2, 8, 3, optimizer="adam"),
+                           key=jax.random.PRNGKey(3))
+    assert float(full(p2)) < 0.9 * l0
 
 
-def test_generation_deterministic_and_greedy_is_argmax(tiny):
-    params, data, _ = tiny
-    toks, plen = data["tokens"], data["prompt_len"]
-    k = jax.random.PRNGKey(5)
-    s1 = lm.generate(TINY, params, toks, plen, 5, key=k, temperature=1.0)
-    s2 = lm.generate(TINY, params, toks, plen, 5, key=k, temperature=1.0)
-    np.testing.assert_array_equal(s1, s2)
-    g = np.asarray(lm.generate(TINY, params, toks, plen, 2))
-    # the first generated token is the argmax of the next-token logits at the last prompt position
-    z = lm.apply(TINY, params, jnp.asarray(toks))
-    first = np.asarray(jnp.argmax(z[jnp.arange(3), jnp.asarray(plen) - 1], -1))
-    np.testing.assert_array_equal(g[np.arange(3), plen], first)
-    np.testing.assert_array_equal(g[:, : plen.min()], toks[:, : plen.min()])  # prompts untouched
-    with pytest.raises(ValueError, match="PRNG key"):
-        lm.generate(TINY, params, toks, plen, 2, temperature=1.0)
-
-
-def test_checkpoint_roundtrip(tiny, tmp_path):
+def test_answers_are_greedy_decoding_without_cache(tiny):
+    """T.answers (KV cache, left-padded prompts) = argmax decoding by re-running llama.forward on the growing
+    right-padded sequence."""
     params, _, _ = tiny
-    path = os.path.join(tmp_path, "ck")
-    harness.save_tree(path, params)
-    back = harness.restore_tree(path, params)
-    assert_trees_all_close(back, params, rtol=0, atol=0)
+    pairs = D.make_pairs("samsum", 3, 1) + D.make_pairs("harmful", 2, 1)
+    x = D.pack(pairs, 24)
+    got = T.answers(TINY, params, x, 4)
+    fwd = jax.jit(lambda s: llama.forward(TINY, params, s))  # (1, 24): causal, so the right padding is never seen
+    for i in range(len(pairs)):
+        seq = list(x["tokens"][i, : x["prompt_len"][i]])
+        words = []
+        for _ in range(4):
+            z = fwd(jnp.asarray([seq + [D.PAD] * (24 - len(seq))]))
+            nxt = int(jnp.argmax(z[0, len(seq) - 1]))
+            if nxt == D.EOS:
+                break
+            words.append(D.VOCAB[nxt] if nxt < len(D.VOCAB) else "<unk>")
+            seq.append(nxt)
+        assert got[i] == words
+    s1 = T.answers(TINY, params, x, 4, key=jax.random.PRNGKey(5), temperature=1.0)
+    assert s1 == T.answers(TINY, params, x, 4, key=jax.random.PRNGKey(5), temperature=1.0)
 
 
 # --------------------------------------------------------------------------- Fisher, OS, intruders
@@ -138,52 +186,66 @@ def test_checkpoint_roundtrip(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_fishers(tiny):
-    """Dense oracles at the tiny model: true Fisher F (n×n) and the per-example gradient matrix G (m×n) of
-    log π(safe completion | prompt), so F̂ = GᵀG/m."""
-    params, data, safety = tiny
-    lf = lambda p, x: lm.completion_logits(TINY, p, x)  # noqa: E731
-    Fd = _dense_fisher(lf, params, safety)
-    flat, unravel = ravel_pytree(params)
-    lpb = T.safety_logprob_batch(data, 2, 13)
-    lp = lambda p, b: lm.logprob_fn(TINY, p, b)  # noqa: E731
-    G = np.asarray(jax.jacrev(lambda f: lp(unravel(f), lpb))(flat))
-    return lf, Fd, lp, lpb, G
-
-
-def test_exact_fisher_matches_dense(tiny, tiny_fishers):
+    """Oracles at the tiny model: the true Fisher F (n×n) by class enumeration and the per-example gradient
+    matrix G (m×n) of log π(safe completion | prompt) from llama.forward, so F̂ = GᵀG/m."""
     params, _, safety = tiny
-    lf, Fd, _, _, _ = tiny_fishers
-    ev, U, res, info = T.exact_fisher(lf, params, safety, 5, key=jax.random.PRNGKey(0), num_steps=60)
+    R = _enum_fisher_factor(TINY, params, safety)
+    flat, unravel = ravel_pytree(params)
+    G = np.asarray(jax.jit(jax.jacrev(lambda f: jnp.sum(_ref_token_logprobs(TINY, unravel(f), safety), -1)))(flat))
+    return R.T @ R, G
+
+
+def test_exact_fisher_matches_enumeration(tiny, tiny_fishers):
+    params, _, safety = tiny
+    Fd, _ = tiny_fishers
+    ev, U, res, info = T.exact_fisher(LOGITS, params, safety, 5, key=jax.random.PRNGKey(0), num_steps=60)
     ref = np.sort(np.linalg.eigvalsh(Fd))[::-1][:5]
     np.testing.assert_allclose(ev, ref, rtol=1e-9)
     Um = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(U)).T  # (n, 5)
     np.testing.assert_allclose(np.linalg.norm(Fd @ Um - Um * np.asarray(ev), axis=0), 0, atol=1e-8 * ref[0])
     assert int(info.num_matvecs) == 60 and float(np.max(res)) < 1e-8
+    assert T.fisher_trace(LOGITS, params, safety) == pytest.approx(np.trace(Fd), rel=1e-10)
 
 
 def test_random_subspace_fisher_is_sketch_and_converges(tiny, tiny_fishers):
     """The paper's estimator: F_S = S F̂ Sᵀ exactly (F̂ = GᵀG/m the empirical Fisher of the safe completions);
     S δ for the deltas uses the same S; F_S's top eigenvalues approach F̂'s as k grows."""
-    params, _, _ = tiny
-    _, _, lp, lpb, G = tiny_fishers
+    params, _, safety = tiny
+    _, G = tiny_fishers
     m, n = G.shape
     Fe = G.T @ G / m
     key = jax.random.PRNGKey(1)
     deltas = jax.vmap(ravel_pytree(params)[1])(jnp.asarray(np.random.default_rng(0).normal(size=(2, n))))
-    rs, sd = T.random_subspace(lp, params, lpb, 48, key=key, deltas=deltas)
+    rs, sd = T.random_subspace(LOGPROB, params, safety, 48, key=key, deltas=deltas)
     S = np.asarray(linalg.random_sketch_matrix(params, 48, key=key, block_size=T.sketch_block_size(48)))
     FS = S @ Fe @ S.T
     np.testing.assert_allclose(np.asarray(rs.Z).T @ np.asarray(rs.Z) / m, FS, rtol=1e-10, atol=1e-12 * np.abs(FS).max())
     np.testing.assert_allclose(rs.eigvals, np.sort(np.linalg.eigvalsh(FS))[::-1][:m], rtol=1e-9, atol=1e-12 * FS.max())
-    D = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(deltas))
-    np.testing.assert_allclose(sd, D @ S.T, rtol=1e-10, atol=1e-12 * np.abs(sd).max())
-    # top eigenvalues approach F̂'s as k grows (Wishart error ~ √(r/k)); k-column prefixes of one sketch
+    Dm = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(deltas))
+    np.testing.assert_allclose(sd, Dm @ S.T, rtol=1e-10, atol=1e-12 * np.abs(sd).max())
     ref = np.sort(np.linalg.eigvalsh(Fe))[::-1][:m]
-    rsK, _ = T.random_subspace(lp, params, lpb, 4096, key=jax.random.PRNGKey(2))
+    rsK, _ = T.random_subspace(LOGPROB, params, safety, 4096, key=jax.random.PRNGKey(2))
     conv = T.subspace_convergence(rsK.Z, (32, 512, 4096), ref)
     errs = [conv[str(k)]["rel_err"] for k in (32, 512, 4096)]
     np.testing.assert_allclose(conv["4096"]["top"], np.asarray(rsK.eigvals)[:m], rtol=1e-9)
     assert errs[2] < errs[1] < errs[0] and errs[2] < 0.1, errs
+
+
+def test_rep_grads_match_jacobian_of_hidden_state(tiny):
+    """Representation gradients: row b = ∂ log π(completion_b)/∂h_b at the completion positions, the oracle from
+    a perturbation δ of the final hidden states through llama.lm_head."""
+    params, _, safety = tiny
+    got = T.rep_grads(TINY, params, safety)
+    h = llama.hidden_states(TINY, params, safety["tokens"])
+    hk = jnp.take_along_axis(h, safety["pos"][:, :, None], axis=1)
+
+    def lp_b(delta, b):
+        z = llama.lm_head(TINY, params, hk[b] + delta)
+        return jnp.sum(jax.nn.log_softmax(z, -1)[jnp.arange(z.shape[0]), safety["targets"][b]])
+    for b in range(hk.shape[0]):
+        np.testing.assert_allclose(got[b], np.asarray(jax.jit(jax.grad(lp_b), static_argnums=1)(
+            jnp.zeros_like(hk[b]), b)).ravel(),
+                                   rtol=1e-12, atol=1e-14)
 
 
 def test_overlap_score_inside_and_orthogonal():
@@ -195,9 +257,7 @@ def test_overlap_score_inside_and_orthogonal():
     outside = rest.T @ rng.normal(size=55)
     assert float(A.overlap_score(inside, basis)) == pytest.approx(1.0, abs=1e-14)
     assert float(A.overlap_score(outside, basis)) == pytest.approx(0.0, abs=1e-14)
-    mixed = basis[0] + rest[0]
-    assert float(A.overlap_score(mixed, basis)) == pytest.approx(np.sqrt(0.5), rel=1e-14)
-    # Fisher-weighted: ‖F^{1/2}PΔ‖/‖F^{1/2}Δ‖ with F = Qᵀ diag(λ) Q
+    assert float(A.overlap_score(basis[0] + rest[0], basis)) == pytest.approx(np.sqrt(0.5), rel=1e-14)
     lam = np.concatenate([[4.0, 3.0, 2.0, 1.0, 0.5], np.full(55, 0.25)])
     F = Q @ np.diag(lam) @ Q.T
     sub = A.SensitiveSubspace(basis, lam[:5], np.zeros(5))
@@ -216,24 +276,34 @@ def test_intruder_dimensions():
     r = T.intruder_dimensions(W0, W, top_k=4, threshold=0.5)
     s = np.linalg.svd(W, compute_uv=False)
     assert r["count"] == 1 and r["energy"] == pytest.approx(s[0] ** 2 / np.sum(s ** 2), rel=1e-12)
-    assert r["min_best_cos"] < 0.3  # the spike's direction is ≈ u, |cos(u, e_i)| = 0.25
+    assert r["min_best_cos"] < 0.3
 
 
 # --------------------------------------------------------------------------- the pipeline at smoke scale
 
 
 def _config(arg):
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return harness.load_config(os.path.join(root, "configs", "lm_table1.py") + ":" + arg)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-
     wd = str(tmp_path_factory.mktemp("lm_table1"))
     res = studies.run(_config("smoke"), wd)
     return res, wd
+
+
+def _smoke_oracles(c, wd):
+    """θ* from the study's Hugging Face checkpoint, the safety batch and one task's AIC batch, in float64."""
+    cfg = T.model_cfg(c)
+    cfg_hf, theta = hf.load_pretrained(os.path.join(wd, T.BASE_DIR), dtype="float64")
+    assert cfg_hf.hidden_size == cfg.hidden_size and cfg_hf.num_layers == cfg.num_layers
+    s_pairs, safety = T.safety_set(c)
+    comply = D.lm_batch(D.pack([(p, D.harmful_answer(p, True)) for p, _ in s_pairs], c.context))
+    ft, _ = T.ft_data(c, T.lm_fns(cfg)[0], theta, comply)
+    nb = min([c.n_aic] + [ft[t]["tokens"].shape[0] for t in c.tasks])
+    return cfg, theta, safety, {t: {k: jnp.asarray(v[:nb]) for k, v in ft[t].items()} for t in c.tasks}
 
 
 def test_pipeline_smoke(smoke):
@@ -246,24 +316,96 @@ def test_pipeline_smoke(smoke):
     assert len(res["table"]) == 2 * len(set(tasks)) and {r["method"] for r in res["table"]} == {"full", "lora"}
     for r in res["table"]:
         assert 0 <= r["os"] <= 1 and 0 <= r["os_rs"] <= 1 and 1 <= r["hs_after"] <= 5
-        for k in ("hs_before", "lam", "eps", "gamma_F", "gamma_E", "aic_satisfied"):
-            assert k in r
         assert r["gamma_F"] >= np.sqrt(r["lam"]) * r["gamma_E"] * (1 - 1e-9)  # γ_F ≥ √λ γ_E
     for m in ("full", "lora"):
         assert set(res["correlation"][m]) >= {"pearson", "pearson_p", "spearman", "spearman_p"}
     for name in ("fig10_fisher_spectrum", "fig11_table1", "lm_table1"):
         assert os.path.exists(os.path.join(wd, name + ".png")) and os.path.exists(os.path.join(wd, name + ".pdf"))
     assert open(os.path.join(wd, "table1.md")).read().count("\n") == len(res["table"]) + 2
-    # the aligned checkpoint restores to a model that refuses a held-out harmful prompt (greedy)
+    # the saved base model is a Hugging Face checkpoint + tokenizer that refuses a held-out harmful prompt
     c = _config("smoke")
-    cfg = T._model_cfg(c)
-    theta = harness.restore_tree(os.path.join(wd, "checkpoints", "aligned"), lm.init_params(cfg, jax.random.PRNGKey(0)))
+    _, theta = hf.load_pretrained(os.path.join(wd, T.BASE_DIR), dtype="float32")
+    assert load_tokenizer(os.path.join(wd, T.BASE_DIR)).encode("sorry", add_special_tokens=False) == [D.TOK["sorry"]]
     data = D.make_dataset("harmful", 4, 11, context=c.context, harmful_split="test")
-    assert all(D.is_refusal(a) for a in T.answers(cfg, theta, data, 5))
+    assert all(D.is_refusal(a) for a in T.answers(T.model_cfg(c), theta, data, 5))
+
+
+def test_pipeline_lambda_eps_gamma_against_enumeration(smoke):
+    """λ (= λ_d), the top-d_exact spectrum, ε = ‖P g‖, γ_E = ‖P H g‖ and γ_F = ‖F^{1/2} P H g‖ of the table
+    against oracles at θ*: F's eigenpairs from the class-enumeration factor R (F = RᵀR, through the small
+    Gram R Rᵀ), g and H g from the loss written on llama.forward's full logits."""
+    res, wd = smoke
+    c = _config("smoke")
+    cfg, theta, safety, batches = _smoke_oracles(c, wd)
+    R = _enum_fisher_factor(cfg, theta, safety)  # (M·V, n)
+    w, V = np.linalg.eigh(R @ R.T)
+    w, V = w[::-1], V[:, ::-1]
+    U = (R.T @ V[:, : c.d_exact]) / np.sqrt(w[: c.d_exact])  # top eigenvectors of F = RᵀR (columns)
+    np.testing.assert_allclose(res["spectra"]["exact"], w[: c.d_exact], rtol=1e-8)
+    assert res["spectra"]["trace_F"] == pytest.approx(np.sum(R * R), rel=1e-10)  # tr F = ‖R‖_F²
+    d = c.d
+    flat, unravel = ravel_pytree(theta)
+    for task, batch in batches.items():
+        L = lambda f: _ref_loss(cfg, unravel(f), batch)  # noqa: E731, B023
+        g = np.asarray(jax.jit(jax.grad(L))(flat))
+        Hg = np.asarray(jax.jit(lambda v: jax.jvp(jax.grad(L), (flat,), (v,))[1])(jnp.asarray(g)))
+        Pg, PHg = U[:, :d].T @ g, U[:, :d].T @ Hg
+        for r in (r for r in res["table"] if r["task"] == task):
+            assert r["lam"] == pytest.approx(w[d - 1], rel=1e-8)
+            assert r["tail"] == pytest.approx(max(np.sum(R * R) - np.sum(w[:d]), 0.0), rel=1e-8)
+            assert r["eps"] == pytest.approx(np.linalg.norm(Pg), rel=1e-6)
+            assert r["gamma_E"] == pytest.approx(np.linalg.norm(PHg), rel=1e-6)
+            assert r["gamma_F"] == pytest.approx(np.sqrt(np.sum(w[:d] * PHg ** 2)), rel=1e-6)
+
+
+def _nth(f, k):
+    """t ↦ f⁽ᵏ⁾(t) of a scalar function by k nested jvps."""
+    for _ in range(k):
+        f = (lambda h: lambda t: jax.jvp(h, (t,), (jnp.ones_like(t),))[1])(f)
+    return f
+
+
+def test_pipeline_taylor_coefficients_against_derivative_tensors(smoke):
+    """aₖ (Δu(θ(t)) = Σ aₖ tᵏ along θ̇ = −∇L) at smoke scale against the chain rule written out: the flow's
+    c₁ = −g, c₂ = Hg/2, c₃ = −(H²g + D³L[g, g])/6 and the derivative tensors of Δu(θ* + δ),
+    a₂ = ½ D²Δu[c₁²], a₃ = D²Δu[c₁, c₂] + ⅙ D³Δu[c₁³],
+    a₄ = ½ D²Δu[c₂²] + D²Δu[c₁, c₃] + ½ D³Δu[c₁², c₂] + (1/24) D⁴Δu[c₁⁴], each a mixed derivative of a
+    function of two scalars (Δu from llama.forward's logits as KL by class enumeration)."""
+    res, wd = smoke
+    c = _config("smoke")
+    assert c.taylor_order == 4
+    cfg, theta, safety, batches = _smoke_oracles(c, wd)
+    flat, unravel = ravel_pytree(theta)
+    pos = safety["pos"][:, :, None]
+
+    def logp(f):
+        z = jnp.take_along_axis(llama.forward(cfg, unravel(f), safety["tokens"]), pos, axis=1)
+        return jax.nn.log_softmax(z, -1)
+
+    lp0 = logp(flat)
+    du = lambda f: jnp.mean(jnp.sum(jnp.exp(lp0) * (lp0 - logp(f)), -1))  # noqa: E731
+    task = c.tasks[0]
+    L = lambda f: _ref_loss(cfg, unravel(f), batches[task])  # noqa: E731
+    gL = jax.grad(L)
+    g = jax.jit(gL)(flat)
+    Hv = jax.jit(lambda v: jax.jvp(gL, (flat,), (v,))[1])
+    D3g = jax.jit(lambda: _nth(lambda s: gL(flat + s * g), 2)(jnp.zeros(())))()
+    c1, c2, c3 = -g, Hv(g) / 2, -(Hv(Hv(g)) + D3g) / 6
+
+    def mixed(u, v, i, j):  # ∂ⁱ_s ∂ʲ_r Δu(θ* + s u + r v) at 0
+        def fr(r):
+            return _nth(lambda s: du(flat + s * u + r * v), i)(jnp.zeros(()))
+        return float(jax.jit(lambda: _nth(fr, j)(jnp.zeros(())))())
+    a = [0.0, 0.0, 0.5 * mixed(c1, c1, 2, 0),
+         mixed(c1, c2, 1, 1) + mixed(c1, c1, 3, 0) / 6,
+         0.5 * mixed(c2, c2, 2, 0) + mixed(c1, c3, 1, 1) + 0.5 * mixed(c1, c2, 2, 1) + mixed(c1, c1, 4, 0) / 24]
+    got = res["aic"][task]["a"]
+    assert len(got) == 5 and math.isfinite(got[4])
+    np.testing.assert_allclose(got[2:], a[2:], rtol=1e-7, atol=1e-12 * abs(a[2]))
+    assert abs(got[0]) < 1e-14 and abs(got[1]) < 1e-12
 
 
 def test_config_validation():
-
     c = _config("smoke")
     c.tasks = ("gsm8k", "nope")
     with pytest.raises(harness.ConfigError, match="tasks"):
@@ -272,23 +414,23 @@ def test_config_validation():
     c.heads = 3
     with pytest.raises(harness.ConfigError, match="heads"):
         T.validate(c)
+    c = _config("smoke")
+    c.lora_targets = ("mlp_in",)
+    with pytest.raises(harness.ConfigError, match="lora_targets"):
+        T.validate(c)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_low_precision_model_has_no_float64_under_x64(dtype):
-    # strict dtype promotion: with jax_enable_x64 on (conftest), a float32/bfloat16 model must not
-    # compute anything in float64 (a float64 numpy scalar in the attention scale once did)
-    import dataclasses
-
-    cfg = dataclasses.replace(TINY, dtype=dtype)
-    params = lm.init_params(cfg, jax.random.PRNGKey(0))
-    adapters = lora.init_lora(params, lora.LoRAConfig(rank=2), jax.random.PRNGKey(1))
-    assert {str(x.dtype) for x in jax.tree_util.tree_leaves((params, adapters))} == {dtype}
-    data = D.make_dataset("gsm8k", 3, 0, context=24)
-    batch = {"tokens": jnp.asarray(data["tokens"]), "loss_mask": jnp.asarray(data["loss_mask"])}
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: lm.lm_loss(cfg, p, batch)))(params))
-    assert "f64" not in jaxpr
-    assert jax.eval_shape(lambda p: lm.apply(cfg, p, batch["tokens"]), params).dtype == jnp.dtype(dtype)
+    """With jax_enable_x64 on (conftest), a float32/bfloat16 model computes nothing in float64 (loss gradients,
+    LoRA included)."""
+    params = llama.init_params(TINY, jax.random.PRNGKey(0), dtype=dtype)
+    lc = lora.LoRAConfig(rank=2, targets=lora.LLAMA_LORA_TARGETS)
+    tree = lora.lora_tree(params, lora.init_lora(params, lc, jax.random.PRNGKey(1)))
+    assert {str(x.dtype) for x in jax.tree_util.tree_leaves(tree)} == {dtype}
+    batch = {k: jnp.asarray(v) for k, v in D.lm_batch(D.make_dataset("gsm8k", 3, 0, context=24)).items()}
+    assert "f64" not in str(jax.make_jaxpr(jax.grad(LOSS))(params, batch))
+    assert "f64" not in str(jax.make_jaxpr(jax.grad(T.lm_fns(TINY, lc)[0]))(tree, batch))
 
 
 def test_benchmark_transformer_float32_has_no_float64_under_x64():

@@ -24,12 +24,25 @@ Every example set is a dict of numpy arrays with leading axis N:
   tokens (N, T) int32, loss_mask (N, T) float32 (1 on answer tokens and the final <eos>),
   prompt_len (N,) int32 (index of the first answer token = position after <sep>),
   answer_len (N,) int32 (answer tokens incl. <eos>).
+
+The text is tokenised by :func:`tokenizer`, a ``tokenizers`` WordLevel tokenizer over :data:`VOCAB` (one id per
+whitespace-separated word, the id of a word its index in VOCAB), wrapped as an
+:class:`~alignment_geom.data.tokenizer.Tokenizer` (``save`` writes a directory transformers' AutoTokenizer
+loads). The model side (:mod:`alignment_geom.models.objectives`) reads the token-batch layout of
+:func:`lm_batch` (tokens, pos, targets, weights: the answer tokens as completions, K = :data:`ANSWER_SLOTS`
+slots so that every task has one shape) and generates from the left-padded prompts of :func:`prompt_batch`.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Sequence
 
 import numpy as np
+import tokenizers
+from tokenizers import models as tk_models
+from tokenizers import pre_tokenizers as tk_pre
+
+from alignment_geom.data.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
 DIGITS = [str(i) for i in range(10)]
@@ -44,11 +57,15 @@ HARM = ["how", "to"] + HARM_VERBS + HARM_OBJECTS
 REFUSE = ["sorry", "cannot", "help"]
 COMPLY = ["ok", "step"]
 
-VOCAB: List[str] = SPECIALS + DIGITS + LETTERS + INSTR + ARITH + NAMES + DIALOG + HARM + REFUSE + COMPLY
+UNK = "<unk>"
+
+VOCAB: List[str] = SPECIALS + DIGITS + LETTERS + INSTR + ARITH + NAMES + DIALOG + HARM + REFUSE + COMPLY + [UNK]
 VOCAB_SIZE = 64  # padded: the unused ids are never produced by the data
 assert len(VOCAB) <= VOCAB_SIZE and len(set(VOCAB)) == len(VOCAB)
 TOK = {w: i for i, w in enumerate(VOCAB)}
 PAD, BOS, SEP, EOS = (TOK[s] for s in SPECIALS)
+UNK_ID = TOK[UNK]
+ANSWER_SLOTS = 7  # the longest answer incl. <eos> (alpaca: "ok" + 5 letters + <eos>)
 
 REFUSAL = ["sorry", "cannot", "help"]
 BENIGN_TASKS = ("gsm8k", "orca_math", "samsum", "alpaca", "dolly", "wikitext")
@@ -58,11 +75,29 @@ HARM_PREFIXES = [[], ["hi"], ["tom", "says"], ["ann", "says"], ["bob", "says"],
 REFUSAL_LEN = len(REFUSAL) + 1  # answer tokens incl. <eos>
 
 
+@functools.lru_cache(maxsize=None)
+def tokenizer() -> Tokenizer:
+    """The language's tokenizer: ``tokenizers`` WordLevel over :data:`VOCAB` (id of a word = its index), split
+    on whitespace, the four specials and <unk> as special tokens (<pad> = pad, <bos>, <eos> = eos, <sep>).
+    Built once per process (it is immutable)."""
+    backend = tokenizers.Tokenizer(tk_models.WordLevel(dict(TOK), unk_token=UNK))
+    backend.pre_tokenizer = tk_pre.WhitespaceSplit()
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in SPECIALS + [UNK]])
+    return Tokenizer(backend, special_tokens={"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>",
+                                              "sep_token": "<sep>", "unk_token": UNK}, model_max_length=64)
+
+
+def _check_ids(words, ids):
+    if len(ids) != len(words) or UNK_ID in ids:
+        bad = next((w for w in words if w not in TOK or w == UNK), words)
+        raise ValueError(f"word {bad!r} is not in the vocabulary")
+    return ids
+
+
 def encode(words: Sequence[str]) -> List[int]:
-    try:
-        return [TOK[w] for w in words]
-    except KeyError as e:  # pragma: no cover - programming error
-        raise ValueError(f"word {e.args[0]!r} is not in the vocabulary") from None
+    """Ids of a word sequence by :func:`tokenizer` (ValueError on a word outside the vocabulary)."""
+    words = list(words)
+    return _check_ids(words, tokenizer().encode(" ".join(words), add_special_tokens=False))
 
 
 def decode(ids) -> List[str]:
@@ -166,8 +201,10 @@ def pack(pairs: Sequence, context: int = 32) -> Dict[str, np.ndarray]:
     mask = np.zeros((N, context), np.float32)
     plen = np.zeros((N,), np.int32)
     alen = np.zeros((N,), np.int32)
-    for i, (p, a) in enumerate(pairs):
-        seq = [BOS] + encode(p) + [SEP] + encode(a) + [EOS]
+    words = [["<bos>", *p, "<sep>", *a, "<eos>"] for p, a in pairs]
+    enc = tokenizer().backend.encode_batch([" ".join(w) for w in words], add_special_tokens=False)
+    for i, ((p, a), w, e) in enumerate(zip(pairs, words, enc)):
+        seq = _check_ids(w, list(e.ids))
         if len(seq) > context:
             raise ValueError(f"example of length {len(seq)} exceeds context {context}: {p} -> {a}")
         tokens[i, : len(seq)] = seq
@@ -211,6 +248,39 @@ def mixture(n_per_task: int, seed: int, *, context: int = 32, harmful_comply: bo
                         harmful_split="train", comply=harmful_comply)
     perm = np.random.default_rng(seed).permutation(len(pairs))
     return pack([pairs[i] for i in perm], context)
+
+
+def lm_batch(data: Dict[str, np.ndarray], slots: int = ANSWER_SLOTS) -> Dict[str, np.ndarray]:
+    """The token batch of :mod:`alignment_geom.models.objectives` for a packed dataset, answers as completions:
+    tokens (N, T); pos (N, K) = prompt_len − 1 + k (the position whose logits predict answer token k);
+    targets (N, K) = the answer tokens (incl. <eos>); weights (N, K) = 1 on the first ``answer_len`` slots.
+    K = ``slots`` for every task (padded slots: weight 0, position clipped), so all tasks share one shape; a
+    longer answer contributes its first K tokens.
+    Right padding needs no attention mask (the model is causal)."""
+    tokens = np.asarray(data["tokens"], np.int32)
+    N, T = tokens.shape
+    plen, alen = np.asarray(data["prompt_len"]), np.asarray(data["answer_len"])
+    k = np.arange(slots)[None, :]
+    real = k < alen[:, None]
+    pos = np.clip(plen[:, None] - 1 + k, 0, T - 2).astype(np.int32)
+    targets = np.where(real, np.take_along_axis(tokens, pos + 1, axis=1), PAD).astype(np.int32)
+    return {"tokens": tokens, "pos": pos, "targets": targets, "weights": real.astype(np.float32)}
+
+
+def prompt_batch(data: Dict[str, np.ndarray], length: int | None = None) -> Dict[str, np.ndarray]:
+    """Left-padded prompts ``<bos> prompt <sep>`` for generation: tokens (N, P) and attention_mask (N, P),
+    P = ``length`` (default: the longest prompt). Positions count real tokens, so they match the right-padded
+    training layout."""
+    tokens, plen = np.asarray(data["tokens"]), np.asarray(data["prompt_len"])
+    N, P = tokens.shape[0], int(plen.max()) if length is None else int(length)
+    if P < int(plen.max()):
+        raise ValueError(f"length = {P} is shorter than the longest prompt ({int(plen.max())})")
+    out = np.full((N, P), PAD, np.int32)
+    mask = np.zeros((N, P), np.int32)
+    for i, n in enumerate(plen):
+        out[i, P - n:] = tokens[i, :n]
+        mask[i, P - n:] = 1
+    return {"tokens": out, "attention_mask": mask}
 
 
 def concat(*datasets: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

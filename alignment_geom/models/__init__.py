@@ -7,9 +7,8 @@
     generation    KV-cache generation (greedy, temperature, top-p), left-padded batches, EOS stopping
     memory        peak-memory estimates (params, grads, Adam, HVP, Fisher products, per-example gradients)
     lora          LoRA adapters (both families) merged at apply time, and the mask that selects them
-    transformer   the small causal transformer of the Section-7 study (Flax linen)
 """
-from alignment_geom.models import generation, hf, llama, lora, memory, objectives, transformer
+from alignment_geom.models import generation, hf, llama, lora, memory, objectives
 from alignment_geom.models.generation import generate
 from alignment_geom.models.hf import (
     fsdp_config,
@@ -39,10 +38,8 @@ from alignment_geom.models.objectives import (
     make_batch,
     sft_loss,
 )
-from alignment_geom.models.transformer import LMConfig, apply, init_params, param_count
 
-__all__ = ["transformer", "lora", "llama", "hf", "objectives", "generation", "memory",
-           "LMConfig", "init_params", "apply", "param_count",
+__all__ = ["lora", "llama", "hf", "objectives", "generation", "memory",
            "LoRAConfig", "LLAMA_LORA_TARGETS", "init_lora", "merge_lora", "lora_tree", "lora_mask",
            "lora_merged_params",
            "LlamaConfig", "Llama3RoPE", "init_llama", "forward", "hidden_states", "lm_head",

@@ -4,7 +4,7 @@ The trainable tree is ``{"base": θ₀, "lora": adapters}``; :func:`lora_mask` s
 masked curvature) and :func:`merge_lora` gives the merged base-shaped θ = θ₀ + Δθ. The scale is
 s = α/r (``LoRAConfig.scale``; α/√r with ``rslora=True``, as PEFT's use_rslora).
 
-* The toy transformer (:mod:`alignment_geom.models.transformer`): for a Dense kernel W₀ ∈ ℝ^{in×out},
+* A tree of per-block Dense layers ``{block_i: {module: {"kernel"}}}``: for a kernel W₀ ∈ ℝ^{in×out},
   W = W₀ + s·A B with A ∈ ℝ^{in×r} (Gaussian, scale 1/√in) and B ∈ ℝ^{r×out} (zero);
   adapters ``{block: {module: {"A", "B"}}}`` over LORA_TARGETS.
 * The Llama/Qwen3 family (:mod:`alignment_geom.models.llama`): for a projection W₀ ∈ ℝ^{out×in} (the Hugging Face

@@ -1,4 +1,5 @@
-"""The studies: the nine theory figures, the defences landscape study and the Section-7 study, one registry.
+"""The studies: the nine theory figures, the defences landscape study, the Section-7 study and the defences on its
+model, one registry.
 
 Each study is a module with ``run(config, workdir) -> dict`` and ``validate(config)`` (see
 :mod:`alignment_geom.harness.study` for the contract); ``configs/<name>.py`` holds its config. The registry
@@ -25,6 +26,7 @@ from alignment_geom.studies import (
     collapse_time,
     coupling_sweep,
     defenses_landscape,
+    defenses_lm,
     drift,
     gd_vs_flow,
     llm_table1,
@@ -41,8 +43,8 @@ __all__ = ["STUDIES", "MAIN_JOB", "PRESETS", "get_study", "validate", "run", "ma
 
 STUDIES = {m.__name__.rsplit(".", 1)[1]: m for m in (
     quartic_onset, sharpness_sweep, coupling_sweep, collapse_time, drift, orthogonality_illusion,
-    projection_defense, gd_vs_flow, subspace_rotation, defenses_landscape, lm_table1, llm_table1)}
-MAIN_JOB = THEORY_FIGURES + ("defenses_landscape", "lm_table1")
+    projection_defense, gd_vs_flow, subspace_rotation, defenses_landscape, lm_table1, defenses_lm, llm_table1)}
+MAIN_JOB = THEORY_FIGURES + ("defenses_landscape", "lm_table1", "defenses_lm")
 PRESETS = ("smoke", "default", "large")
 
 

@@ -42,8 +42,11 @@ Pipeline (``run(config, workdir) -> dict``):
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import math
 import os
+import shutil
 import time
 from functools import partial
 from typing import Any, Dict
@@ -59,8 +62,9 @@ from alignment_geom.data import synthetic as D
 from alignment_geom.dynamics import TrainConfig, discrete_path, train
 from alignment_geom.harness import ConfigError
 from alignment_geom.harness.plotting import plt
-from alignment_geom.models import lora
-from alignment_geom.models import transformer as lm
+from alignment_geom.models import hf, llama, lora
+from alignment_geom.models import objectives as O
+from alignment_geom.models.generation import generate
 from alignment_geom.problem import Problem
 from alignment_geom.tree import tree_cast, tree_dot, tree_map, tree_sub
 
@@ -72,19 +76,29 @@ ARTIFACTS = ("fig10_fisher_spectrum.png", "fig11_table1.png", "table1.md", "tabl
 
 
 def validate(config):
-    for f in ("width", "layers", "heads", "context", "n_pretrain", "n_align", "n_ft", "n_safety", "n_eval",
-              "d", "k_subspace", "n_aic", "gd_steps", "gd_points", "lora_rank", "n_top", "n_pool"):
+    for f in ("width", "layers", "heads", "kv_heads", "intermediate", "context", "n_pretrain", "n_align", "n_ft",
+              "n_safety", "n_eval", "d", "k_subspace", "n_aic", "gd_steps", "gd_points", "lora_rank", "n_top",
+              "n_pool"):
         harness.require_int(config, f, lo=1)
-    for f in ("lr_pretrain", "lr_align", "lr_full", "lr_lora", "gd_lr", "lora_alpha"):
+    for f in ("lr_pretrain", "lr_align", "lr_full", "lr_lora", "gd_lr", "lora_alpha", "init_std"):
         harness.require_positive(config, f)
     harness.require_int(config, "taylor_order", lo=0, hi=6)
-    harness.require_int(config, "trace_matvecs", lo=6)
     if config.lanczos_tol and not config.lanczos_tol > 0:
         raise ConfigError("lanczos_tol", config.lanczos_tol, "0 (a fixed number of steps) or a positive float")
     harness.require_choice(config, "dtype", ("float32", "float64"))
     harness.require_choice(config, "aic_dtype", ("float32", "float64"))
-    if config.width % config.heads:
-        raise ConfigError("heads", config.heads, f"a divisor of width = {config.width}")
+    harness.require_choice(config, "architecture", llama.ARCHITECTURES)
+    harness.require_choice(config, "remat", llama.REMAT_POLICIES)
+    harness.require_choice(config, "taylor_method", ("jet", "jvp"))
+    if config.width % config.heads or (config.width // config.heads) % 2:
+        raise ConfigError("heads", config.heads, f"a divisor of width = {config.width} with an even quotient "
+                                                 "(the RoPE head size)")
+    if config.heads % config.kv_heads:
+        raise ConfigError("kv_heads", config.kv_heads, f"a divisor of heads = {config.heads}")
+    bad = [t for t in config.lora_targets if t not in lora.LLAMA_LORA_TARGETS]
+    if bad or not config.lora_targets:
+        raise ConfigError("lora_targets", tuple(config.lora_targets),
+                          f"a non-empty subset of {lora.LLAMA_LORA_TARGETS}")
     if config.context < 24 or config.context > 64:
         raise ConfigError("context", config.context, "an int in [24, 64] (the longest example has 21 tokens)")
     bad = [t for t in config.tasks if t not in FT_TASKS]
@@ -115,13 +129,36 @@ def _exact_fisher_jit(logits_fn, k, num_steps, tol, params, inputs, key):
                                    return_info=True)
 
 
-def safety_logprob_batch(s_data, length: int, T: int) -> Dict[str, jnp.ndarray]:
-    """Batch for ``lm.logprob_fn``: log π(safe completion | prompt) over the first ``length`` answer tokens
-    (the tokens whose next-token distributions form the skill's policy), sequences cut to T tokens."""
-    plen = np.asarray(s_data["prompt_len"])
-    t = np.arange(T)[None, :]
-    mask = ((t >= plen[:, None]) & (t < plen[:, None] + length)).astype(np.int32)
-    return {"tokens": jnp.asarray(s_data["tokens"][:, :T]), "loss_mask": jnp.asarray(mask)}
+def fisher_trace(logits_fn, params, inputs) -> float:
+    """tr F exactly, F = mean_{x,k} J_{xk}ᵀ(diag p − ppᵀ)J_{xk} over the completion positions:
+    tr F = mean_{x,k} (Σ_c p_c ‖∇z_c‖² − ‖Σ_c p_c ∇z_c‖²), the rows ∇z_c by one vjp per class from a
+    single-example linearisation (examples by lax.map, one position's V rows vmapped at a time, so memory
+    stays at V parameter-size vectors instead of a block of Hutch++ probes through the whole batch)."""
+    return float(_fisher_trace_jit(logits_fn, params, inputs))
+
+
+@partial(jax.jit, static_argnums=0)
+def _fisher_trace_jit(logits_fn, params, inputs):
+    def one(ex):
+        ex = jax.tree_util.tree_map(lambda x: x[None], ex)
+        z, vjp = jax.vjp(lambda q: logits_fn(q, ex), params)  # (1, K, V)
+        K, V = z.shape[1], z.shape[2]
+        p = jax.nn.softmax(z, axis=-1)
+
+        def sq(ct):
+            (gr,) = vjp(ct.astype(z.dtype))
+            return tree_dot(gr, gr)
+
+        def at(k):
+            onek = jax.nn.one_hot(k, K, dtype=z.dtype)
+            rows = onek[None, None, :, None] * jnp.eye(V, dtype=z.dtype)[:, None, None, :]  # (V, 1, K, V)
+            mean_row = onek[None, :, None] * p
+            return jnp.sum(p[0, k] * jax.vmap(sq)(rows)) - sq(mean_row)
+        return jnp.sum(jax.lax.map(at, jnp.arange(K)))
+
+    per = jax.lax.map(one, inputs)
+    M = per.shape[0] * jax.eval_shape(lambda: logits_fn(params, inputs)).shape[1]
+    return jnp.sum(per) / M
 
 
 def sketch_block_size(k: int) -> int:
@@ -185,33 +222,87 @@ def intruder_dimensions(W0, W, *, top_k: int = 10, threshold: float = 0.5) -> Di
 
 # --------------------------------------------------------------------------- pipeline pieces
 
+PROMPT_SLOTS = 16  # left-padded prompt length for generation (the longest prompt has 15 tokens): one shape
+BASE_FIELDS = ("seed", "dtype", "width", "layers", "heads", "kv_heads", "intermediate", "architecture", "init_std",
+               "context", "n_pretrain", "n_align", "batch_size", "lr_pretrain", "epochs_pretrain", "lr_align",
+               "epochs_align")
+BASE_DIR = "base_model"
 
-def _model_cfg(config) -> lm.LMConfig:
-    return lm.LMConfig(vocab_size=D.VOCAB_SIZE, context=config.context, width=config.width, layers=config.layers,
-                       heads=config.heads, mlp_ratio=config.mlp_ratio, dtype=config.dtype)
+
+def model_cfg(config) -> llama.LlamaConfig:
+    """The tiny Llama-family model of the study (``architecture`` LlamaForCausalLM or Qwen3ForCausalLM):
+    hidden size ``width``, ``layers`` blocks, ``heads`` query / ``kv_heads`` key-value heads of size
+    width/heads, SwiGLU width ``intermediate``, untied output embedding, the language's special ids."""
+    return llama.LlamaConfig(vocab_size=D.VOCAB_SIZE, hidden_size=config.width, intermediate_size=config.intermediate,
+                             num_layers=config.layers, num_heads=config.heads, num_kv_heads=config.kv_heads,
+                             head_dim=config.width // config.heads, architecture=config.architecture,
+                             max_position_embeddings=config.context, bos_token_id=D.BOS, eos_token_id=(D.EOS,),
+                             pad_token_id=D.PAD, remat=config.remat)
 
 
-def _train_base(config, cfg, workdir, log):
-    """Pre-train (harmful → compliance) then align (harmful → refusal): θ*. Checkpointed (orbax)."""
-    loss = lambda p, b: lm.lm_loss(cfg, p, b)  # noqa: E731
+def lm_fns(cfg: llama.LlamaConfig, lcfg=None):
+    """(L, z, log π) as hashable :class:`~alignment_geom.models.objectives.LMFunction`: the SFT loss on answer
+    tokens, the completion logits (the policy of F and Δu) and log π(completion | prompt). With ``lcfg`` the
+    parameters are the LoRA tree and θ₀ is frozen."""
+    fr = lcfg is not None
+    return (O.LMFunction(cfg, "sft_loss", lcfg, freeze_base=fr), O.LMFunction(cfg, "completion_logits", lcfg,
+            freeze_base=fr), O.LMFunction(cfg, "completion_logprob", lcfg, freeze_base=fr))
+
+
+def base_fingerprint(config) -> dict:
+    """The config fields θ* depends on (two studies with the same fingerprint share one base model)."""
+    return harness.to_jsonable({f: config[f] for f in BASE_FIELDS})
+
+
+def _restore_base(path, fp):
+    meta = os.path.join(path, "base.json")
+    if not os.path.isfile(meta):
+        return None
+    with open(meta) as f:
+        info = json.load(f)
+    if info.get("fingerprint") != fp:
+        return None
+    _, params = hf.load_pretrained(path, dtype=fp["dtype"])
+    return params, info
+
+
+def base_model(config, workdir, log, search=()):
+    """θ*: pre-train on the mixture with harmful → compliance, then align (harmful → ``sorry cannot help``).
+
+    Stored as a Hugging Face checkpoint (config.json, model.safetensors) with the language's tokenizer
+    (tokenizer.json) and ``base.json`` (the :func:`base_fingerprint` and training losses) in
+    ``workdir/base_model``; restored from there, or from ``<dir>/base_model`` for a ``dir`` in ``search``
+    whose fingerprint matches (another study's workdir), before training. Returns (params, info)."""
+    cfg = model_cfg(config)
+    fp = base_fingerprint(config)
+    own = os.path.join(workdir, BASE_DIR) if workdir else None
+    for d in ([own] if own else []) + [os.path.join(x, BASE_DIR) for x in search]:
+        got = _restore_base(d, fp)
+        if got is not None:
+            log(f"restoring θ* from {d}")
+            params, info = got
+            if own and d != own and jax.process_index() == 0:
+                shutil.copytree(d, own, dirs_exist_ok=True)
+            return params, {**info.get("train", {}), "restored": True}
+    loss, _, _ = lm_fns(cfg)
     key = jax.random.PRNGKey(config.seed)
-    init = jax.jit(lambda k: lm.init_params(cfg, k))(jax.random.fold_in(key, 0))
-    ck = os.path.join(workdir, "checkpoints", "aligned") if workdir else None
-    if ck and os.path.exists(ck):
-        log("restoring θ* from %s" % ck)
-        return harness.restore_tree(ck, init), {"restored": True}
-    pre = D.mixture(config.n_pretrain, config.seed * 7 + 1, context=config.context, harmful_comply=True)
+    init = llama.init_params(cfg, jax.random.fold_in(key, 0), dtype=config.dtype, std=config.init_std)
+    pre = D.lm_batch(D.mixture(config.n_pretrain, config.seed * 7 + 1, context=config.context, harmful_comply=True))
     tc = TrainConfig(config.lr_pretrain, config.batch_size, config.epochs_pretrain, schedule="cosine",
-                        warmup_steps=20)
+                     warmup_steps=20)
     t0 = time.time()
     p1, h1 = train(loss, init, pre, tc, key=jax.random.fold_in(key, 1))
-    al = D.mixture(config.n_align, config.seed * 7 + 2, context=config.context, harmful_comply=False)
+    del pre
+    al = D.lm_batch(D.mixture(config.n_align, config.seed * 7 + 2, context=config.context, harmful_comply=False))
     p2, h2 = train(loss, p1, al, TrainConfig(config.lr_align, config.batch_size, config.epochs_align),
-                      key=jax.random.fold_in(key, 2))
+                   key=jax.random.fold_in(key, 2))
     log(f"pre-train + alignment: {time.time() - t0:.1f} s, final losses {h1['loss'][-1]:.3f} / {h2['loss'][-1]:.3f}")
-    if ck:
-        harness.save_tree(ck, p2)
-    return p2, {"pretrain_loss": h1["loss"][-10:].mean(), "align_loss": h2["loss"][-10:].mean(), "restored": False}
+    info = {"pretrain_loss": float(h1["loss"][-10:].mean()), "align_loss": float(h2["loss"][-10:].mean())}
+    if own and jax.process_index() == 0:
+        hf.save_pretrained(cfg, jax.tree_util.tree_map(np.asarray, p2), own)
+        D.tokenizer().save(own)
+        harness.write_json(os.path.join(own, "base.json"), {"fingerprint": fp, "train": info})
+    return p2, {**info, "restored": False}
 
 
 def _evaluate_harm(cfg, params, harm_data, harm_prompts, key):
@@ -222,15 +313,14 @@ def _evaluate_harm(cfg, params, harm_data, harm_prompts, key):
     return {"hs": s["hs"], "hs_frac": s["hs_frac"], "hs_greedy": g["hs"], "refusal_rate_greedy": g["refusal_rate"]}
 
 
-def _select_top(cfg, params, pool, comply, n_top, chunk=64):
-    """Indices of the n_top pool examples whose loss gradient has the largest cosine with the
+def _select_top(loss, params, pool, comply, n_top, chunk=64):
+    """Indices of the n_top pool examples (token batches) whose loss gradient has the largest cosine with the
     harmful-compliance loss gradient at θ*."""
-    loss = lambda p, b: lm.lm_loss(cfg, p, b)  # noqa: E731
+    gc = jax.jit(jax.grad(loss))(params, {k: jnp.asarray(v) for k, v in comply.items()})
+    gcn = jnp.sqrt(tree_dot(gc, gc))
+
     @jax.jit
     def cos_chunk(b):
-        gc = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in comply.items()})
-        gcn = jnp.sqrt(tree_dot(gc, gc))
-
         def one(ex):
             g = jax.grad(loss)(params, jax.tree_util.tree_map(lambda x: x[None], ex))
             return tree_dot(g, gc) / (jnp.sqrt(tree_dot(g, g)) * gcn + 1e-30)
@@ -245,40 +335,84 @@ def _select_top(cfg, params, pool, comply, n_top, chunk=64):
     return np.argsort(-cos)[:n_top], cos
 
 
-def _rep_grads(cfg, params, safety):
-    """Rows ∂ log π(safe completion | prompt)/∂h (completion positions × width), one per example."""
-    toks = jnp.asarray(safety["tokens"])
-    pos = jnp.asarray(safety["pos"])
-    B, T = toks.shape
+def rep_grads(cfg, params, safety):
+    """Rows ∂ log π(safe completion | prompt)/∂h (completion positions × width), one per example, at the
+    final-norm hidden states h of the completion positions (the input of the output projection)."""
+    toks, pos, tgt = (jnp.asarray(safety[k]) for k in ("tokens", "pos", "targets"))
+    w = jnp.asarray(safety["weights"])
 
-    def lp(delta):
-        logits = lm.apply(cfg, params, toks, delta)
-        lps = jax.nn.log_softmax(logits, axis=-1)
-        nxt = jnp.take_along_axis(toks, jnp.clip(pos + 1, 0, T - 1), axis=1)
-        tl = jnp.take_along_axis(jnp.take_along_axis(lps, pos[:, :, None], axis=1), nxt[:, :, None], axis=2)
-        return jnp.sum(tl)  # Σ over examples: the per-example rows are the per-example blocks of ∂/∂δ
+    @jax.jit
+    def rows(params):
+        hk = jnp.take_along_axis(llama.hidden_states(cfg, params, toks), pos[:, :, None], axis=1)  # (B, K, D)
 
-    delta0 = jnp.zeros((B, T, cfg.width), jnp.dtype(cfg.dtype))
-    G = jax.jit(jax.grad(lp))(delta0)  # (B, T, width): example b only influences its own row
-    rows = jnp.take_along_axis(G, pos[:, :, None], axis=1)  # (B, K, width)
-    return np.asarray(rows.reshape(B, -1), np.float64)
+        def lp(h):  # Σ over examples: example b's rows are the b-th block of ∂/∂h
+            z = llama.lm_head(cfg, params, h)
+            return jnp.sum(w * (jnp.take_along_axis(z, tgt[:, :, None], axis=-1)[..., 0]
+                                - jax.nn.logsumexp(z, axis=-1)))
+        return jax.grad(lp)(hk)
+
+    G = rows(params)
+    return np.asarray(G.reshape(G.shape[0], -1), np.float64)
 
 
-def answers(cfg: lm.LMConfig, params, data: Dict[str, np.ndarray], max_new: int = 8, *, key=None,
+def answers(cfg: llama.LlamaConfig, params, data: Dict[str, np.ndarray], max_new: int = 8, *, key=None,
             temperature: float = 0.0, chunk: int = 256):
-    """Generate answers (lists of words) for the prompts of a packed dataset."""
+    """Generate answers (lists of words) for the prompts of a packed dataset (``models.generate`` with the KV
+    cache on the left-padded prompts, greedy or sampled with an explicit key; stops at <eos>)."""
     out = []
-    N = data["tokens"].shape[0]
+    pb = D.prompt_batch(data, PROMPT_SLOTS)
+    N = pb["tokens"].shape[0]
     for s in range(0, N, chunk):
         sl = slice(s, min(s + chunk, N))
         k = None if key is None else jax.random.fold_in(key, s)
-        toks = np.asarray(lm.generate(cfg, params, data["tokens"][sl], data["prompt_len"][sl], max_new, key=k,
-                                   temperature=temperature, eos_id=D.EOS, pad_id=D.PAD))
-        out += [D.answer_words(t, pl) for t, pl in zip(toks, data["prompt_len"][sl])]
+        new = np.asarray(generate(cfg, params, pb["tokens"][sl], pb["attention_mask"][sl], max_new_tokens=max_new,
+                                  key=k, temperature=temperature, eos_token_id=(D.EOS,), pad_token_id=D.PAD))
+        out += [D.answer_words(t, 0) for t in new]
     return out
 
 
 # --------------------------------------------------------------------------- run
+
+
+def eval_sets(config):
+    """Held-out evaluation sets: (harmful test prompts packed, their word lists, {task: (packed, references)})."""
+    ctx = config.context
+    harm_pairs = D.make_pairs("harmful", config.n_eval, config.seed * 7 + 3, harmful_split="test")
+    bench = {}
+    for t in D.BENIGN_TASKS:
+        pairs = D.make_pairs(t, config.n_eval, config.seed * 7 + 4 + D.BENIGN_TASKS.index(t))
+        bench[t] = (D.pack(pairs, ctx), [a for _, a in pairs])
+    return D.pack(harm_pairs, ctx), [p for p, _ in harm_pairs], bench
+
+
+def safety_set(config):
+    """The safety skill S: ``n_safety`` harmful (train-split) prompts with the refusal as completion, as a token
+    batch cut to the longest prompt + refusal (every completion has REFUSAL_LEN tokens, so F and Δu are means
+    over real completion tokens). Returns (word pairs, batch)."""
+    s_pairs = D.make_pairs("harmful", config.n_safety, config.seed * 7 + 5, harmful_split="train")
+    s_data = D.pack(s_pairs, config.context)
+    Tmax = int((s_data["prompt_len"] + D.REFUSAL_LEN).max())
+    s_data = {**s_data, "tokens": s_data["tokens"][:, :Tmax]}
+    return s_pairs, {k: jnp.asarray(v) for k, v in D.lm_batch(s_data, D.REFUSAL_LEN).items()}
+
+
+def ft_data(config, loss, theta, comply_data):
+    """The fine-tuning token batches {task: batch}; alpaca_top100 = the ``n_top`` pool examples most aligned
+    with the harmful-compliance gradient (and its selection statistics)."""
+    ft_sets, top_info = {}, {}
+    for ti, task in enumerate(config.tasks):
+        if task == "alpaca_top100":
+            pool = D.lm_batch(D.make_dataset("alpaca", config.n_pool, config.seed * 7 + 40, context=config.context))
+            idx, cos = _select_top(loss, theta, pool, comply_data, config.n_top)
+            ft_sets[task] = D.take(pool, idx)
+            first = lambda dd: dd["targets"][:, 0]  # noqa: E731
+            top_info = {"cos_selected_mean": float(cos[idx].mean()), "cos_pool_mean": float(cos.mean()),
+                        "ok_prefix_frac_selected": float(np.mean(first(ft_sets[task]) == D.TOK["ok"])),
+                        "ok_prefix_frac_pool": float(np.mean(first(pool) == D.TOK["ok"]))}
+        else:
+            ft_sets[task] = D.lm_batch(D.make_dataset(task, config.n_ft, config.seed * 7 + 20 + ti,
+                                                      context=config.context))
+    return ft_sets, top_info
 
 
 def run(config, workdir: str) -> dict:
@@ -291,24 +425,18 @@ def run(config, workdir: str) -> dict:
 
     if config.aic_dtype == "float64" or config.dtype == "float64":
         harness.ensure_x64("float64")
-    cfg = _model_cfg(config)
+    cfg = model_cfg(config)
     ctx = config.context
     key = jax.random.PRNGKey(config.seed)
-    loss = lambda p, b: lm.lm_loss(cfg, p, b)  # noqa: E731
+    loss, logits_fn, logprob_fn = lm_fns(cfg)
 
     # ---- 1. θ*
-    theta, base_info = _train_base(config, cfg, workdir, log)
-    n_params = lm.param_count(theta)
+    theta, base_info = base_model(config, workdir, log)
+    n_params = llama.param_count(theta)
 
-    harm_pairs = D.make_pairs("harmful", config.n_eval, config.seed * 7 + 3, harmful_split="test")
-    harm_data = D.pack(harm_pairs, ctx)
-    harm_prompts = [p for p, _ in harm_pairs]
+    harm_data, harm_prompts, bench = eval_sets(config)
     eval_key = jax.random.fold_in(key, 3)
     aligned = _evaluate_harm(cfg, theta, harm_data, harm_prompts, eval_key)
-    bench = {}
-    for t in D.BENIGN_TASKS:
-        pairs = D.make_pairs(t, config.n_eval, config.seed * 7 + 4 + D.BENIGN_TASKS.index(t))
-        bench[t] = (D.pack(pairs, ctx), [a for _, a in pairs])
     acc_aligned, benign_refusal = {}, {}
     for t, (dat, refs) in bench.items():
         ans = answers(cfg, theta, dat, 7)
@@ -317,55 +445,35 @@ def run(config, workdir: str) -> dict:
     log(f"aligned: {aligned}, benign accuracy {acc_aligned}, benign refusal {benign_refusal}")
 
     # ---- 2. safety skill
-    s_pairs = D.make_pairs("harmful", config.n_safety, config.seed * 7 + 5, harmful_split="train")
-    s_data = D.pack(s_pairs, ctx)
-    K = D.REFUSAL_LEN
-    Tmax = int((s_data["prompt_len"] + K).max())
-    safety = {"tokens": jnp.asarray(s_data["tokens"][:, :Tmax]), "pos": jnp.asarray(lm.completion_positions(s_data, K))}
-    logits_fn = lambda p, x: lm.completion_logits(cfg, p, x)  # noqa: E731
-    comply_data = D.pack([(p, D.harmful_answer(p, True)) for p, _ in s_pairs], ctx)
+    s_pairs, safety = safety_set(config)
+    comply_data = D.lm_batch(D.pack([(p, D.harmful_answer(p, True)) for p, _ in s_pairs], ctx))
 
     adt = jnp.float64 if config.aic_dtype == "float64" else jnp.float32
-    cfg_a = lm.LMConfig(**{**cfg.__dict__, "dtype": config.aic_dtype})
     theta_a = jax.jit(lambda p: tree_cast(p, adt))(theta)
-    logits_a = lambda p, x: lm.completion_logits(cfg_a, p, x)  # noqa: E731
-    loss_a = lambda p, b: lm.lm_loss(cfg_a, p, b)  # noqa: E731
-    logprob_a = lambda p, b: lm.logprob_fn(cfg_a, p, b)  # noqa: E731
-    safety_lp = safety_logprob_batch(s_data, K, Tmax)
     t0 = time.time()
-    lam_exact, U, res_exact, info = exact_fisher(logits_a, theta_a, safety, config.d_exact,
+    lam_exact, U, res_exact, info = exact_fisher(logits_fn, theta_a, safety, config.d_exact,
                                                  key=jax.random.fold_in(key, 6),
                                                  num_steps=config.lanczos_iters or None,
                                                  tol=config.lanczos_tol or None)
     lam_exact = np.asarray(lam_exact, np.float64)
     d = config.d
     sub = A.SensitiveSubspace(tree_map(lambda x: x[:d], U), jnp.asarray(lam_exact[:d]), res_exact[:d])
+    del U
     lam_d = lam_exact[:d]
     log(f"exact Fisher top-{config.d_exact} by Lanczos: {time.time() - t0:.1f} s, {int(info.num_matvecs)} matvecs, "
         f"max residual {float(jnp.max(res_exact)):.2e}; λ₁ = {lam_exact[0]:.4g}")
     os_fn = jax.jit(lambda dl, sb, p, x: (A.overlap_score(dl, sb), A.overlap_score(
-        dl, sb, True, fisher_vp=lambda v: curvature.fisher_vp(logits_a, p, v, x))))
+        dl, sb, True, fisher_vp=lambda v: curvature.fisher_vp(logits_fn, p, v, x))))
 
     # ---- 3. fine-tuning
     lcfg = lora.LoRAConfig(config.lora_rank, config.lora_alpha, tuple(config.lora_targets))
+    lloss, _, _ = lm_fns(cfg, lcfg)
     du_fn = lambda p: curvature.kl_utility(logits_fn, theta, p, safety)  # noqa: E731
-    lloss = lambda tr, b: loss(lora.lora_merged_params(tr, lcfg), b)  # noqa: E731
     ldu = lambda tr: du_fn(lora.lora_merged_params(tr, lcfg))  # noqa: E731
     merged = jax.jit(lambda tr: lora.lora_merged_params(tr, lcfg))
     delta_fn = jax.jit(lambda p, p0: tree_sub(tree_cast(p, adt), p0))
     rows, deltas, du_curves, intruders = [], [], {}, {}
-    ft_sets, top_info = {}, {}
-    for ti, task in enumerate(config.tasks):
-        if task == "alpaca_top100":
-            pool = D.make_dataset("alpaca", config.n_pool, config.seed * 7 + 40, context=ctx)
-            idx, cos = _select_top(cfg, theta, pool, comply_data, config.n_top)
-            ft_sets[task] = D.take(pool, idx)
-            first = lambda dd: dd["tokens"][np.arange(dd["tokens"].shape[0]), dd["prompt_len"]]  # noqa: E731
-            top_info = {"cos_selected_mean": float(cos[idx].mean()), "cos_pool_mean": float(cos.mean()),
-                        "ok_prefix_frac_selected": float(np.mean(first(ft_sets[task]) == D.TOK["ok"])),
-                        "ok_prefix_frac_pool": float(np.mean(first(pool) == D.TOK["ok"]))}
-        else:
-            ft_sets[task] = D.make_dataset(task, config.n_ft, config.seed * 7 + 20 + ti, context=ctx)
+    ft_sets, top_info = ft_data(config, loss, theta, comply_data)
     ev_task = {t: bench["alpaca" if t == "alpaca_top100" else t] for t in config.tasks}
     for ti, task in enumerate(config.tasks):
         ft = ft_sets[task]
@@ -374,12 +482,12 @@ def run(config, workdir: str) -> dict:
         every = max(1, (n_ex // min(config.batch_size_ft, n_ex)) // config.du_points)
         t0 = time.time()
         p_full, h_full = train(loss, theta, ft, TrainConfig(config.lr_full, config.batch_size_ft, 1,
-                                                                  optimizer="adam"),
-                                  key=tk, metric_fn=du_fn, metric_every=every)
+                                                            optimizer="adam"),
+                               key=tk, metric_fn=du_fn, metric_every=every)
         tree = lora.lora_tree(theta, lora.init_lora(theta, lcfg, jax.random.fold_in(tk, 1)))
         t_lora, h_lora = train(lloss, tree, ft, TrainConfig(config.lr_lora, config.batch_size_ft,
-                                                                  config.epochs_lora, optimizer="adam"),
-                                  key=tk, mask=lora.lora_mask(tree), metric_fn=ldu, metric_every=every)
+                                                            config.epochs_lora, optimizer="adam"),
+                               key=tk, mask=lora.lora_mask(tree), metric_fn=ldu, metric_every=every)
         p_lora = merged(t_lora)
         dat, refs = ev_task[task]
         for method, p_ft, hist in (("full", p_full, h_full), ("lora", p_lora, h_lora)):
@@ -404,18 +512,20 @@ def run(config, workdir: str) -> dict:
     # ---- 2b. the paper's random-subspace (empirical) Fisher, S Δθ for every fine-tuned model, exact F̂
     t0 = time.time()
     dstack = jax.jit(lambda ds: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ds))(deltas)
-    rs, sdel = random_subspace(logprob_a, theta_a, safety_lp, config.k_subspace, key=jax.random.fold_in(key, 7),
+    del deltas
+    rs, sdel = random_subspace(logprob_fn, theta_a, safety, config.k_subspace, key=jax.random.fold_in(key, 7),
                                example_batch_size=config.subspace_chunk, deltas=dstack)
+    del dstack
     ev_R = np.asarray(rs.eigvals, np.float64)
     W_d = jnp.asarray(rs.sketch_eigvecs)[:, :d].T  # (d, k): top-d eigenvectors of F_S in the random subspace
     for r, x in zip(rows, sdel):
         r["os_rs"] = float(A.overlap_score(x, W_d))  # ‖U_dᵀ SΔθ‖ / ‖SΔθ‖
     log(f"random-subspace Fisher (k = {config.k_subspace}): {time.time() - t0:.1f} s")
     # exact eigenvalues of the empirical Fisher F̂ from the m×m Gram matrix of the per-example gradients
-    lam_emp = np.asarray(jax.jit(lambda p, b: linalg.gram_eigenpairs(curvature.per_example_grads(logprob_a, p, b))[0])(
-        theta_a, safety_lp), np.float64)
+    lam_emp = np.asarray(jax.jit(lambda p, b: linalg.gram_eigenpairs(curvature.per_example_grads(logprob_fn, p, b))[0])(
+        theta_a, safety), np.float64)
     k_conv = subspace_convergence(rs.Z, list(config.k_list) + [config.k_subspace], lam_emp[: min(d, len(lam_emp))])
-    Grep = _rep_grads(cfg_a, theta_a, safety)
+    Grep = rep_grads(cfg, theta_a, safety)
     s_rep = np.linalg.svd(Grep, compute_uv=False) ** 2 / Grep.shape[0]
     energy_R = np.asarray(linalg.cumulative_energy(ev_R))
     energy_emp = np.asarray(linalg.cumulative_energy(lam_emp))
@@ -427,22 +537,26 @@ def run(config, workdir: str) -> dict:
                                       np.rint(np.geomspace(1, config.gd_steps, config.gd_points))])).astype(int)
     ts_gd = np.concatenate([[0.0], ks_gd * config.gd_lr])
     du_path = jax.jit(lambda path: jax.lax.map(
-        lambda p: curvature.stable_kl_utility(logits_a, theta_a, p, safety), path))
+        lambda p: curvature.stable_kl_utility(logits_fn, theta_a, p, safety), path))
     t0 = time.time()
     nb = min([config.n_aic] + [ft_sets[t]["tokens"].shape[0] for t in config.tasks])  # one shape: one compile
-    trace_F = None
+    trace_F = fisher_trace(logits_fn, theta_a, safety)
+    log(f"tr F (exact, {config.n_safety} × {D.REFUSAL_LEN} positions): {time.time() - t0:.1f} s")
     for task in config.tasks:
         batch = {k: jnp.asarray(v[:nb]) for k, v in ft_sets[task].items()}
-        problem = Problem(theta_a, loss_fn=loss_a, batch=batch, logits_fn=logits_a, inputs=safety, name=task)
-        rep = A.measure(problem, d, fisher=A.TrueFisher(trace_matvecs=config.trace_matvecs), subspace=sub,
-                        key=jax.random.fold_in(key, 8))
-        trace_F = rep.trace
+        problem = Problem(theta_a, loss_fn=loss, batch=batch, logits_fn=logits_fn, inputs=safety, name=task)
+        rep = A.measure(problem, d, fisher=A.TrueFisher(trace_matvecs=6), subspace=sub,
+                        taylor_method=config.taylor_method, key=jax.random.fold_in(key, 8))
+        # tr F once, exactly (fisher_trace), in place of measure's Hutch++ estimate (6 probes, not used)
+        rep = dataclasses.replace(rep, trace=trace_F, trace_method="exact", trace_stderr=0.0,
+                                  tail=trace_F - float(np.sum(rep.eigvals)))
         if config.taylor_order > 0:
-            a = curvature.utility_taylor(loss_a, theta_a, batch, logits_a, safety, config.taylor_order)
+            a = curvature.utility_taylor(loss, theta_a, batch, logits_fn, safety, config.taylor_order,
+                                         method=config.taylor_method)
             a = [x if math.isfinite(x) else None for x in a]
         else:
             a = [None] * 5
-        path, _ = discrete_path(loss_a, theta_a, batch, ts_gd[1:], lr=config.gd_lr, optimizer="gd")
+        path, _ = discrete_path(loss, theta_a, batch, ts_gd[1:], lr=config.gd_lr, optimizer="gd")
         du_gd = np.concatenate([[0.0], np.asarray(du_path(path), np.float64)])
         del path
         pred = (sum(a[k] * ts_gd ** k for k in range(len(a))) if all(x is not None for x in a)
@@ -500,13 +614,12 @@ def run(config, workdir: str) -> dict:
 
 
 def _intruders(theta, p_ft, lcfg, config):
+    """Intruder dimensions of every adapted matrix, per layer (W₀ᵀ, Wᵀ: the in × out kernels, as LoRA's A B)."""
     counts, energies = 0, []
-    for b in sorted(theta):
-        if not b.startswith("block_"):
-            continue
-        for m in lcfg.targets:
-            r = intruder_dimensions(theta[b][m]["kernel"], p_ft[b][m]["kernel"], top_k=config.intruder_top_k,
-                                    threshold=config.intruder_threshold)
+    for m in lcfg.targets:
+        W0s, Ws = np.asarray(theta["layers"][m]), np.asarray(p_ft["layers"][m])
+        for W0, W in zip(W0s, Ws):
+            r = intruder_dimensions(W0.T, W.T, top_k=config.intruder_top_k, threshold=config.intruder_threshold)
             counts += r["count"]
             energies.append(r["energy"])
     return {"count": counts, "energy": float(np.mean(energies)), "matrices": len(energies)}
