@@ -38,7 +38,7 @@ from jax.interpreters import ad as _ad
 PyTree = Any
 Series = Optional[list]   # None (identically zero) or K arrays shaped like the primal
 
-__all__ = ["TaylorModeError", "taylor", "taylor_jaxpr"]
+__all__ = ["TaylorModeError", "taylor", "taylor_jaxpr", "widen_precision"]
 
 
 class TaylorModeError(NotImplementedError):
@@ -299,3 +299,136 @@ _CALL_RULES = {
     "cond": _cond_rule,
 }
 
+
+
+# --------------------------------------------------------------------------- precision widening
+
+
+def _itemsize(dt) -> int:
+    return jnp.dtype(dt).itemsize
+
+
+def _narrows(eqn) -> bool:
+    """A float → narrower-float conversion (or reduce_precision): what widening removes."""
+    if eqn.primitive is lax.reduce_precision_p:
+        return True
+    if eqn.primitive is not lax.convert_element_type_p:
+        return False
+    src, dst = eqn.invars[0].aval.dtype, eqn.params["new_dtype"]
+    return (jnp.issubdtype(src, jnp.inexact) and jnp.issubdtype(dst, jnp.inexact)
+            and _itemsize(dst) < _itemsize(src))
+
+
+def _sub_jaxprs(eqn):
+    return [_closed(j) for j in _jcore.jaxprs_in_params(eqn.params)]
+
+
+def _has_narrowing(closed) -> bool:
+    return any(_narrows(e) or any(_has_narrowing(j) for j in _sub_jaxprs(e)) for e in closed.jaxpr.eqns)
+
+
+def _widen_eval(closed, args):
+    """Evaluate a ClosedJaxpr with every float → narrower-float cast removed (values keep the widest float
+    dtype that reaches them); equations whose inputs and sub-jaxprs are untouched are bound unchanged."""
+    jaxpr = closed.jaxpr
+    env = {}
+
+    def read(v):
+        return v.val if isinstance(v, _jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, closed.consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for eqn in jaxpr.eqns:
+        vals = [read(v) for v in eqn.invars]
+        if _narrows(eqn):
+            outs = [vals[0]]
+        else:
+            changed = any(jnp.result_type(x) != v.aval.dtype for x, v in zip(vals, eqn.invars)
+                          if hasattr(v.aval, "dtype"))
+            subs = _sub_jaxprs(eqn)
+            if not changed and not any(_has_narrowing(j) for j in subs):
+                outs = _bind(eqn, vals)
+            else:
+                outs = _widen_rule(eqn, vals, changed)
+        for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _promote_floats(eqn, vals):
+    fl = [jnp.result_type(x) for x, v in zip(vals, eqn.invars) if _aval_is_float(v.aval)]
+    if not fl:
+        return vals, None
+    w = jnp.result_type(*fl)
+    return [x.astype(w) if _aval_is_float(v.aval) and jnp.result_type(x) != w else x
+            for x, v in zip(vals, eqn.invars)], w
+
+
+def _widen_rule(eqn, vals, changed):
+    name = eqn.primitive.name
+    prm = eqn.params
+    if name in ("jit", "pjit", "remat2", "checkpoint"):
+        return _widen_eval(_closed(prm["jaxpr"]), vals)
+    if name in ("closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"):
+        return _widen_eval(_closed(prm["call_jaxpr"]), vals)
+    if name == "scan":
+        nc, nk = prm["num_consts"], prm["num_carry"]
+        consts, init, xs = vals[:nc], vals[nc:nc + nk], vals[nc + nk:]
+
+        def step(c, x):
+            o = _widen_eval(prm["jaxpr"], list(consts) + list(c) + list(x))
+            return o[:nk], o[nk:]
+
+        outc = jax.eval_shape(step, list(init), [jax.tree_util.tree_map(lambda a: a[0], x) for x in xs])[0]
+        init = [x.astype(jnp.result_type(x, o.dtype)) for x, o in zip(init, outc)]
+
+        def step2(c, x):
+            nc_, ys = step(c, x)
+            return [a.astype(b.dtype) for a, b in zip(nc_, c)], ys
+
+        c, ys = lax.scan(step2, list(init), list(xs), length=prm["length"], reverse=prm["reverse"],
+                         unroll=prm["unroll"])
+        return list(c) + list(ys)
+    if name == "while":
+        cn, bn = prm["cond_nconsts"], prm["body_nconsts"]
+        cc, bc, init = vals[:cn], vals[cn:cn + bn], vals[cn + bn:]
+
+        def body(c):
+            return [a.astype(b.dtype) for a, b in zip(_widen_eval(prm["body_jaxpr"], list(bc) + list(c)), c)]
+
+        outc = jax.eval_shape(lambda c: _widen_eval(prm["body_jaxpr"], list(bc) + list(c)), list(init))
+        init = [x.astype(jnp.result_type(x, o.dtype)) for x, o in zip(init, outc)]
+        return list(lax.while_loop(lambda c: _widen_eval(prm["cond_jaxpr"], list(cc) + list(c))[0], body,
+                                   list(init)))
+    if name == "cond":
+        index, ops = vals[0], vals[1:]
+        shapes = [jax.eval_shape(lambda o, b=b: _widen_eval(b, list(o)), list(ops)) for b in prm["branches"]]
+        dts = [jnp.result_type(*[s[i].dtype for s in shapes]) for i in range(len(shapes[0]))]
+        fns = [lambda o, b=b: [a.astype(d) for a, d in zip(_widen_eval(b, list(o)), dts)] for b in prm["branches"]]
+        return list(lax.switch(index, fns, list(ops)))
+    if eqn.primitive in (lax.convert_element_type_p,):
+        return _bind(eqn, vals)
+    vals, w = _promote_floats(eqn, vals)
+    if w is not None and "preferred_element_type" in prm:
+        pet = prm["preferred_element_type"]
+        if pet is not None and jnp.issubdtype(pet, jnp.inexact) and _itemsize(pet) < _itemsize(w):
+            eqn = eqn.replace(params={**prm, "preferred_element_type": w})
+    return _bind(eqn, vals)
+
+
+def widen_precision(fun: Callable) -> Callable:
+    """``fun`` evaluated without its float → narrower-float casts: a model that rounds to float32 or bfloat16
+    inside (e.g. ``jax.nn.dot_product_attention``'s float32 softmax) runs at the precision of its inputs.
+    Functions without such casts are returned values-identical (their jaxpr is bound equation by equation)."""
+
+    def widened(*args):
+        flat, tree = jax.tree_util.tree_flatten(args)
+        closed, shape = jax.make_jaxpr(lambda *leaves: fun(*jax.tree_util.tree_unflatten(tree, leaves)),
+                                       return_shape=True)(*flat)
+        if not _has_narrowing(closed):
+            return fun(*args)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), _widen_eval(closed, flat))
+
+    return widened
