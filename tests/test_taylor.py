@@ -102,7 +102,7 @@ def _cv_act(x):
     return jnp.tanh(x) + 0.1 * x * x
 
 
-_cv_act.defvjp(lambda x: (_cv_act(x), x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2 + 0.2 * x),))
+_cv_act.defvjp(lambda x: (jnp.tanh(x) + 0.1 * x * x, x), lambda x, g: (g * (1 - jnp.tanh(x) ** 2 + 0.2 * x),))
 
 
 def _plain_act(x):
@@ -334,7 +334,7 @@ def _llama_fns(cfg):
 def test_llama_scan_remat_rope_gqa_swiglu_tied(tiny_llama):
     params, toks, safety = tiny_llama
     loss, logits = _llama_fns(CFG)
-    K = 6
+    K = 4
     oracle = _oracle_flow(loss, params, toks, K)
     cs = _flow(loss, params, toks, K)
     for k, (a, b) in enumerate(zip(cs, oracle), start=1):
