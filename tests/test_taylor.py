@@ -359,7 +359,7 @@ def test_onset_split_parts_sum_to_a4():
     params = {"a": a0, "b": jnp.zeros(n)}
 
     def logits(p, x):
-        return (W @ jnp.tanh(p["a"] * x[:, None] + 0.3) + V @ (p["b"] * p["b"]))[None] * jnp.ones((2, 1))
+        return jnp.tanh(p["a"] * x[:, None] + 0.3) @ W.T + V @ (p["b"] * p["b"])
 
     def loss(p, batch):
         d = p["a"] - a0
@@ -379,10 +379,12 @@ def test_kl_utility_no_floor_and_taylor():
     returns roundoff there), and its Taylor coefficients in t equal the naive form's."""
     ref = jnp.array([[0.3, -1.0, 2.0], [0.0, 0.5, -0.5]])
     d = jnp.array([[1.0, 0.2, -0.7], [0.4, -0.3, 0.1]])
-    f = lambda p, x: p["z"]  # noqa: E731
+    g = lambda p, x: x + p["z"]  # noqa: E731
     t = 1e-12
-    got = float(C.kl_utility(f, {"z": ref}, {"z": ref + t * d}, None))
-    p = jax.nn.softmax(ref, -1)
+    zero = jnp.zeros_like(d)                      # z_ref = 0, so z − z_ref = t d is exact in floating point
+    got = float(C.kl_utility(g, {"z": zero}, {"z": t * d}, zero))
+    f = lambda p, x: p["z"]  # noqa: E731
+    p = jax.nn.softmax(zero, -1)
     w = d - jnp.sum(p * d, -1, keepdims=True)
     quad = float(jnp.mean(0.5 * jnp.sum(p * w * w, -1))) * t * t        # KL = ½ Var_p(Δz) + O(t³)
     assert abs(got - quad) <= 1e-10 * quad

@@ -182,6 +182,13 @@ def _jvp_rule(eqn, ps, ss, order):
         return jax.jvp(g, [full[i] for i in idx], list(tans))
 
     tan0 = [ss[i][0] for i in idx]
+    try:
+        jax.eval_shape(jvp_fn, *ps, *tan0)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise TaylorModeError(
+            f"Taylor mode: primitive '{prim.name}' (bound at {_where(eqn)}) has no Taylor rule and its JVP rule "
+            f"fails ({type(e).__name__}: {str(e).splitlines()[0]}); use method='jvp' (nested forward mode) if JAX "
+            f"can differentiate it, or express the function with differentiable primitives.") from e
     if order == 1:
         p_out, t_out = jvp_fn(*ps, *tan0)
         s_out = [[t] if _is_float(p) else None for p, t in zip(p_out, t_out)]
