@@ -21,6 +21,7 @@ import numpy as np
 from jax.experimental import jet as _jet
 from jax.flatten_util import ravel_pytree
 
+from alignment_geom.curvature._taylor_mode import TaylorModeError, taylor_jaxpr, widen_precision
 from alignment_geom.curvature.fisher import fisher_norm, lambda_quad
 from alignment_geom.curvature.hessian import _grad_fn, hvp
 from alignment_geom.curvature.utility import kl_utility
@@ -29,7 +30,14 @@ from alignment_geom.tree import apply_mask, check_mask, tree_dot, tree_float_dty
 
 PyTree = Any
 
-__all__ = ["flow_taylor", "taylor_eval", "utility_taylor", "utility_taylor_coeffs", "onset_split"]
+__all__ = ["flow_taylor", "taylor_eval", "utility_taylor", "utility_taylor_coeffs", "onset_split", "TaylorModeError"]
+
+_METHODS = ("jet", "jvp", "experimental_jet")
+
+
+def _check_method(method):
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
 
 
 def _nested_derivative(f: Callable, k: int) -> Callable:
@@ -41,7 +49,7 @@ def _nested_derivative(f: Callable, k: int) -> Callable:
 
 
 def flow_taylor(loss_fn: Callable, params: PyTree, batch: Any, order: int,
-                mask: Optional[PyTree] = None, method: str = "jet") -> list:
+                mask: Optional[PyTree] = None, method: str = "jet", *, widen: bool = True) -> list:
     """Taylor coefficients of the gradient-flow path θ(t) − θ* = Σ_{k=1}^{K} c_k t^k + O(t^{K+1}).
 
     θ̇ = −∇L(θ), θ(0) = θ*. Then c_1 = −g, c_2 = Hg/2, c_3 = −(H²g + D³L[g, g])/6, and in general
@@ -52,25 +60,37 @@ def flow_taylor(loss_fn: Callable, params: PyTree, batch: Any, order: int,
       loss_fn, params (θ*), batch: the fine-tuning problem.
       order: K ≥ 1, the number of coefficients returned.
       mask: optional boolean pytree; the flow moves only θ_S (θ̇_S = −∇_S L, the rest frozen).
-      method: "jet" (Taylor mode, jax.experimental.jet: O(K²) passes) or "jvp" (nested forward-mode
-        jvps of t ↦ ∇L(θ* + Σ c_j t^j): 2^k passes for order k; a fallback for primitives jet lacks).
+      method: "jet" (default; Taylor mode over the traced gradient, :mod:`._taylor_mode`: every primitive
+        JAX can differentiate, incl. scan, while/fori, cond, remat, custom_jvp/custom_vjp; cost polynomial in
+        K), "experimental_jet" (``jax.experimental.jet`` itself, for comparison: fewer primitives) or "jvp"
+        (nested forward-mode jvps of t ↦ ∇L(θ* + Σ c_j t^j): 2^k passes for order k).
+      widen: evaluate ``loss_fn`` without its float → narrower-float casts (:func:`widen_precision`), so a
+        model that rounds inside (``jax.nn.dot_product_attention`` computes its softmax in float32 whatever
+        the input dtype; bfloat16 casts) gives the coefficients of the same model at the parameters' precision.
+        No effect on models without such casts.
+    Raises:
+      TaylorModeError: (method="jet") a primitive with neither a Taylor nor a JVP rule; the message names it.
     Returns:
       [c_1, …, c_K], each a pytree shaped like params.
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an integer >= 1; got {order!r}")
-    if method not in ("jet", "jvp"):
-        raise ValueError(f"method must be 'jet' or 'jvp'; got {method!r}")
+    _check_method(method)
     check_mask(mask, params)
-    grad_fn = _grad_fn(loss_fn, batch, mask)
+    grad_fn = _grad_fn(widen_precision(loss_fn) if widen else loss_fn, batch, mask)
     flat0, unravel = ravel_pytree(params)
 
     def g_flat(x):
         return ravel_pytree(grad_fn(unravel(x)))[0]
 
+    closed = jax.make_jaxpr(g_flat)(flat0) if method == "jet" else None
     cs = [-g_flat(flat0)]
     for k in range(1, order):
         if method == "jet":
+            # [t^k] ∇L(θ* + Σ_{j≤k} c_j t^j), Taylor mode over the traced gradient
+            _, (out,) = taylor_jaxpr(closed, [flat0], [list(cs)], k)
+            gk = jnp.zeros_like(flat0) if out is None else out[k - 1]
+        elif method == "experimental_jet":
             # jet's series are derivative coefficients: θ^{(j)}(0) = j! c_j.
             series = [math.factorial(j) * cs[j - 1] for j in range(1, k + 1)]
             _, out = _jet.jet(g_flat, (flat0,), (series,))
@@ -105,26 +125,41 @@ def taylor_eval(coeffs: list, t, params0: Optional[PyTree] = None) -> PyTree:
 
 
 def utility_taylor_coeffs(ft_loss: Callable, params: PyTree, batch: Any, logits_fn: Callable, inputs: Any,
-                          order: int, *, mask: Optional[PyTree] = None, method: str = "jet") -> jax.Array:
+                          order: int, *, mask: Optional[PyTree] = None, method: str = "jet",
+                          widen: bool = True) -> jax.Array:
     """[a_0, …, a_order] (jnp array) with Δu(θ(t)) = Σ_k a_k t^k + O(t^{order+1}) along gradient flow.
 
     θ(t) is replaced by its order-K Taylor polynomial θ* + Σ_{k≤K} c_k t^k (:func:`flow_taylor`,
-    exact up to t^K), and Δu(θ(t)) = kl_utility(θ*, θ(t)) is expanded in t by Taylor mode
-    (``jax.experimental.jet``; method="jvp": K nested forward-mode derivatives of the scalar function,
-    cost 2^K). jit/vmap friendly.
+    exact up to t^K), and Δu(θ(t)) = kl_utility(θ*, θ(t)) (the cancellation-free KL) is expanded in t by
+    Taylor mode (method="jet": this library's interpreter, any differentiable model; "experimental_jet":
+    ``jax.experimental.jet``; "jvp": K nested forward-mode derivatives of the scalar function, cost 2^K).
+    jit/vmap friendly. Exact for order ≤ 12 (the KL's series form, :func:`~.utility.stable_kl`).
+    ``widen``: as in :func:`flow_taylor`, for both ``ft_loss`` and ``logits_fn``.
     """
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an integer >= 1; got {order!r}")
-    if method not in ("jet", "jvp"):
-        raise ValueError(f"method must be 'jet' or 'jvp'; got {method!r}")
-    cs = flow_taylor(ft_loss, params, batch, order, mask, method)
+    _check_method(method)
+    cs = flow_taylor(ft_loss, params, batch, order, mask, method, widen=widen)
     dtype = tree_float_dtype(params)
+    if widen:
+        logits_fn = widen_precision(logits_fn)
+
+    if method == "jet":
+        flat0, unravel = ravel_pytree(params)
+
+        def du_flat(x):
+            return kl_utility(logits_fn, params, unravel(x), inputs)
+
+        closed = jax.make_jaxpr(du_flat)(flat0)
+        (a0,), (ser,) = taylor_jaxpr(closed, [flat0], [[ravel_pytree(c)[0] for c in cs]], order)
+        ser = [jnp.zeros((), dtype)] * order if ser is None else ser
+        return jnp.stack([jnp.asarray(a, dtype) for a in [a0] + list(ser)])
 
     def f(t):
         return kl_utility(logits_fn, params, taylor_eval(cs, t, params), inputs)
 
     t0 = jnp.zeros((), dtype)
-    if method == "jet":
+    if method == "experimental_jet":
         series = [jnp.ones((), dtype)] + [jnp.zeros((), dtype)] * (order - 1)
         y0, ys = _jet.jet(f, (t0,), (series,))
         derivs = [y0] + list(ys)
@@ -138,24 +173,25 @@ def utility_taylor_coeffs(ft_loss: Callable, params: PyTree, batch: Any, logits_
 
 
 def utility_taylor(ft_loss: Callable, params: PyTree, batch: Any, logits_fn: Callable, inputs: Any,
-                   order: int, *, mask: Optional[PyTree] = None, method: str = "jet") -> list:
+                   order: int, *, mask: Optional[PyTree] = None, method: str = "jet", widen: bool = True) -> list:
     """The exact Taylor coefficients [a_0, …, a_order] (Python floats) of Δu(θ(t)) along gradient flow
     θ̇ = −∇L(θ), θ(0) = θ* (see :func:`utility_taylor_coeffs`). With Jg = 0, a_2 = a_3 = 0 and
     a_4 = ⅛ mean‖Λ^{1/2}(J·Hg + D²z[g, g])‖² (:func:`onset_split`)."""
     if not isinstance(order, int) or order < 1:
         raise ValueError(f"order must be an integer >= 1; got {order!r}")
-    return [float(a) for a in np.asarray(_utility_taylor_jit(ft_loss, logits_fn, order, method, params, batch,
-                                                             inputs, mask))]
+    return [float(a) for a in np.asarray(_utility_taylor_jit(ft_loss, logits_fn, order, method, bool(widen), params,
+                                                             batch, inputs, mask))]
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _utility_taylor_jit(ft_loss, logits_fn, order, method, params, batch, inputs, mask):
-    return utility_taylor_coeffs(ft_loss, params, batch, logits_fn, inputs, order, mask=mask, method=method)
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _utility_taylor_jit(ft_loss, logits_fn, order, method, widen, params, batch, inputs, mask):
+    return utility_taylor_coeffs(ft_loss, params, batch, logits_fn, inputs, order, mask=mask, method=method,
+                                 widen=widen)
 
 
 def onset_split(ft_loss: Callable, params: PyTree, batch: Any, logits_fn: Callable, inputs: Any, *,
                 basis: Optional[PyTree] = None, mask: Optional[PyTree] = None, order: int = 5,
-                method: str = "jet") -> dict:
+                method: str = "jet", widen: bool = True) -> dict:
     """How the exact quartic coefficient a_4 splits between the loss curvature and the policy curvature.
 
     Returns floats:
@@ -167,12 +203,13 @@ def onset_split(ft_loss: Callable, params: PyTree, batch: Any, logits_fn: Callab
       Jg_F = ‖F^{1/2} g‖ (= sqrt(2 a_2));
       with ``basis`` (top-d Fisher eigenvectors at θ*): gamma_E = ‖P Hg‖, gamma_F = ‖F^{1/2}P Hg‖,
       eps_E = ‖P g‖, eps_F = ‖F^{1/2} P g‖, bound_F = γ_F²/8.
-    Everything is at θ* (F = F(θ*), Λ at z(θ*)); g and Hg are masked when ``mask`` is given.
+    Everything is at θ* (F = F(θ*), Λ at z(θ*)); g and Hg are masked when ``mask`` is given. ``method`` and
+    ``widen`` as in :func:`flow_taylor`.
     """
     if order < 4:
         raise ValueError(f"order must be >= 4; got {order}")
 
-    res = _onset_split_jit(ft_loss, logits_fn, int(order), method, params, batch, inputs, basis, mask)
+    res = _onset_split_jit(ft_loss, logits_fn, int(order), method, bool(widen), params, batch, inputs, basis, mask)
     coeffs = [float(a) for a in np.asarray(res.pop("coeffs"))]
     out = {k: float(v) for k, v in res.items()}
     out["coeffs"] = coeffs
@@ -185,9 +222,12 @@ def onset_split(ft_loss: Callable, params: PyTree, batch: Any, logits_fn: Callab
     return out
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _onset_split_jit(ft_loss, logits_fn, order, method, params, batch, inputs, basis, mask):
-    coeffs = utility_taylor_coeffs(ft_loss, params, batch, logits_fn, inputs, order, mask=mask, method=method)
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _onset_split_jit(ft_loss, logits_fn, order, method, widen, params, batch, inputs, basis, mask):
+    coeffs = utility_taylor_coeffs(ft_loss, params, batch, logits_fn, inputs, order, mask=mask, method=method,
+                                   widen=widen)
+    if widen:
+        ft_loss, logits_fn = widen_precision(ft_loss), widen_precision(logits_fn)
     g = apply_mask(mask, jax.grad(ft_loss)(params, batch))
     Hg = hvp(ft_loss, params, g, batch, mask)
     zf = lambda p: logits_fn(p, inputs)  # noqa: E731

@@ -2,9 +2,10 @@
 
 Δu(θ*) = 0, ∇Δu(θ*) = 0 and ∇²Δu(θ*) = F(θ*), the true Fisher of the safety policy.
 
-    kl_utility          Σ p (log p − log q), differentiable by every JAX transformation (jet included)
-    stable_kl           KL per position without the ~1e-16 cancellation floor of that form
-    stable_kl_utility   Δu with :func:`stable_kl`, accurate to relative precision at Δu ~ t⁴ ≪ 1e-16
+    kl_utility          Δu by :func:`stable_kl`: accurate to relative precision at Δu ~ t⁴ ≪ 1e-16, and
+                        differentiable by every JAX transformation (Taylor mode included, exact to order 12)
+    stable_kl           KL per position without the ~1e-16 absolute floor of the naive Σ p (log p − log q)
+    stable_kl_utility   the same Δu as :func:`kl_utility` (no mask), jitted
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def kl_utility(logits_fn: Callable, params_ref: PyTree, params: PyTree, inputs: 
                mask: Optional[PyTree] = None) -> jax.Array:
     """Δu(θ) = mean_x KL(π_ref(·|x) ‖ π_θ(·|x)), the alignment utility loss under Assumption 1.
 
+    Computed by :func:`stable_kl` (no absolute cancellation floor: relative precision even at Δu ~ 1e-30).
     The mean runs over every leading axis of the logits. Δu(θ_ref) = 0, ∇Δu(θ_ref) = 0 and
     ∇²Δu(θ_ref) = F(θ_ref) (the ``fisher_vp`` Fisher). With ``mask``, parameters outside S are held
     at their reference values (Δu as a function of θ_S alone).
@@ -33,10 +35,7 @@ def kl_utility(logits_fn: Callable, params_ref: PyTree, params: PyTree, inputs: 
     check_mask(mask, params)
     check_like(params_ref, params, "params")
     params = mask_select(mask, params, params_ref)
-    lp_ref = jax.nn.log_softmax(logits_fn(params_ref, inputs), axis=-1)
-    lp = jax.nn.log_softmax(logits_fn(params, inputs), axis=-1)
-    kl = jnp.sum(jnp.exp(lp_ref) * (lp_ref - lp), axis=-1)
-    return jnp.mean(kl)
+    return jnp.mean(stable_kl(logits_fn(params_ref, inputs), logits_fn(params, inputs)))
 
 
 def _phi(w):
@@ -58,6 +57,8 @@ def stable_kl(logits_ref, logits):
     With Δz = z − z_ref, p = softmax(z_ref) and w = Δz − E_p[Δz]: KL = log E_p[eʷ] =
     log1p(E_p[φ(w)]), φ(w) = eʷ − 1 − w ≥ 0 (E_p[w] = 0 exactly); for max|w| ≥ 1 it is evaluated as
     logsumexp(w + log p). The naive Σ p (log p − log q) has an absolute floor ~1e-16.
+    Derivatives of every order at logits = logits_ref are exact up to order 12 (φ's series has degree 12):
+    the clamp at 0 acts only on the logsumexp branch, so at the tie KL = 0 no derivative is halved.
     """
     dz = logits - logits_ref
     logp = jax.nn.log_softmax(logits_ref, axis=-1)
@@ -66,11 +67,10 @@ def stable_kl(logits_ref, logits):
     big = jnp.max(jnp.abs(w), axis=-1) >= 1.0
     small_val = jnp.log1p(jnp.sum(p * _phi(jnp.where(big[..., None], 0.0, w)), axis=-1))
     big_val = jax.nn.logsumexp(w + logp, axis=-1)
-    return jnp.maximum(jnp.where(big, big_val, small_val), 0.0)
+    return jnp.where(big, jnp.maximum(big_val, 0.0), small_val)
 
 
 @partial(jax.jit, static_argnums=0)
 def stable_kl_utility(logits_fn: Callable, params_ref: PyTree, params: PyTree, inputs: Any) -> jax.Array:
-    """Δu(θ) = mean_x KL(π_ref ‖ π_θ) (the same quantity as :func:`kl_utility`), computed with
-    :func:`stable_kl` so that Δu ~ t⁴ stays accurate at small t."""
-    return jnp.mean(stable_kl(logits_fn(params_ref, inputs), logits_fn(params, inputs)))
+    """Δu(θ) = mean_x KL(π_ref ‖ π_θ): :func:`kl_utility` without a mask, jitted."""
+    return kl_utility(logits_fn, params_ref, params, inputs)
