@@ -42,6 +42,8 @@ SECTIONS = {
     "sweep": "benchmarks.sweep",
     "torch": "benchmarks.torch_peer",
     "llm": "benchmarks.llm",
+    "sketch": "benchmarks.sketch",
+    "taylor": "benchmarks.taylor",
 }
 # the default run (about 6 minutes on 2 CPU cores); any section can be named with --sections
 DEFAULT_SECTIONS = ("curvature", "spectral", "sweep", "torch")

@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from alignment_geom import aic, models
+from alignment_geom import aic, linalg, models
 
 M_EX = 8
 
@@ -128,3 +128,32 @@ def test_true_fisher_lanczos_on_a_mask(tiny):
     lam = np.linalg.eigvalsh(F)[::-1]
     np.testing.assert_allclose(np.asarray(sub.eigvals), lam[:2], rtol=1e-9)
     assert aic.scale.basis_bytes(params, 41, mask=mask) == 41 * int(sel.sum()) * 8
+
+
+def test_gram_jvp_gram_fisher_subspace_fisher_types_and_values(tiny):
+    """gram_jvp = J Δθ against the dense Jacobian; GramFisher/SubspaceFisher fields against numpy."""
+    flat, unravel = ravel_pytree(tiny["params"])
+    J_dense = np.asarray(jax.jacfwd(lambda f: tiny["fn"](unravel(f), tiny["batch"]))(flat))
+    JD = np.asarray(aic.gram_jvp(tiny["fn"], tiny["params"], tiny["batch"], tiny["deltas"], chunk=3))
+    np.testing.assert_allclose(JD, tiny["dflat"] @ J_dense.T, rtol=1e-10, atol=1e-12)
+    gf = aic.gram_fisher(tiny["fn"], tiny["params"], tiny["batch"], chunk=3)
+    assert isinstance(gf, aic.GramFisher)
+    np.testing.assert_allclose(np.asarray(gf.K), J_dense @ J_dense.T / M_EX, rtol=1e-10, atol=1e-12)
+    sf = aic.subspace_fisher(tiny["fn"], tiny["params"], tiny["batch"], 16, key=jax.random.PRNGKey(1), chunk=3)
+    assert isinstance(sf, aic.SubspaceFisher)
+    Z = np.asarray(sf.Z)
+    np.testing.assert_allclose(float(sf.trace), (Z ** 2).sum() / M_EX, rtol=1e-10)
+
+
+def test_sketch_kinds_and_countsketch(tiny):
+    """Every name in SKETCH_KINDS builds a reproducible matrix; CountSketch has one ±scale entry per column."""
+
+    key = jax.random.PRNGKey(3)
+    for kind in linalg.SKETCH_KINDS:
+        S1 = np.asarray(linalg.random_sketch_matrix(tiny["params"], 8, key=key, kind=kind))
+        S2 = np.asarray(linalg.random_sketch_matrix(tiny["params"], 8, key=key, kind=kind))
+        assert S1.shape == (8, tiny["n"]) and np.array_equal(S1, S2)
+    S = np.asarray(linalg.random_sketch_matrix(tiny["params"], 8, key=key, kind=linalg.CountSketch()))
+    nnz = (S != 0).sum(axis=0)
+    assert np.all(nnz == 1)
+    np.testing.assert_allclose(np.abs(S[S != 0]), np.abs(S[S != 0])[0], rtol=1e-14)

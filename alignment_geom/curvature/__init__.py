@@ -16,6 +16,7 @@ Two forms of every operator:
 Modules: ``hessian`` (H v, D³L[u, v, ·]), ``fisher`` (F v, F̂ v, per-example gradients, ‖F^{1/2}v‖),
 ``utility`` (Δu), ``taylor`` (the Taylor series of θ(t) and of Δu(θ(t)) along gradient flow).
 """
+from alignment_geom.curvature._taylor_mode import TaylorModeError, widen_precision
 from alignment_geom.curvature.bundle import CurvatureOperators, curvature_operators
 from alignment_geom.curvature.fisher import (
     empirical_fisher,
@@ -37,6 +38,7 @@ from alignment_geom.curvature.taylor import flow_taylor, onset_split, taylor_eva
 from alignment_geom.curvature.utility import kl_utility, stable_kl, stable_kl_utility
 
 __all__ = [
+    "TaylorModeError", "widen_precision",
     "hvp", "linearized_hvp", "third_order", "hessian",
     "fisher_vp", "linearized_fisher_vp", "empirical_fisher_vp", "linearized_empirical_fisher_vp",
     "per_example_grads", "empirical_fisher_trace", "fisher_norm", "lambda_quad", "softmax_hessian_apply",
