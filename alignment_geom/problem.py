@@ -12,10 +12,11 @@ averaged over in the Fisher and in Δu), ``logprob_fn(params, safety_batch) -> (
 ``safety_batch`` has the example axis first).
 
 A Problem is a pytree: the arrays (params, batch, inputs, safety_batch) are its children; the functions,
-``name`` and the ``mask`` (compared by value) are its static part. So ``jax.jit(f)(problem)`` compiles once
-per set of functions, mask and array shapes, sees the mask concretely, and ``jax.vmap`` maps over a stack of
-problems. It is immutable; :meth:`Problem.replace` returns
-a modified copy (e.g. a new θ).
+``name`` and the ``mask`` (compared by value) are its static part. ``name`` is a label that never takes part
+in the comparison, so ``jax.jit(f)(problem)`` compiles once per set of functions, mask and array shapes
+(problems that differ only in their names share one compiled program), sees the mask concretely, and
+``jax.vmap`` maps over a stack of problems. It is immutable; :meth:`Problem.replace` returns a modified copy
+(e.g. a new θ).
 """
 from __future__ import annotations
 
@@ -68,15 +69,29 @@ _DATA = ("params", "batch", "inputs", "safety_batch")
 _META = ("loss_fn", "logits_fn", "logprob_fn", "name")
 
 
+class _Label(str):
+    """A name in a pytree's static part that compares equal to every other label (jit caches ignore it)."""
+
+    def __eq__(self, other):
+        return isinstance(other, _Label)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return 0
+
+
 def _flatten(p: Problem):
     children = tuple(getattr(p, f) for f in _DATA)
-    aux = tuple(getattr(p, f) for f in _META) + (StaticTree(p.mask),)
+    aux = tuple(getattr(p, f) for f in _META[:-1]) + (_Label(p.name), StaticTree(p.mask))
     return children, aux
 
 
 def _unflatten(aux, children):
     kw = dict(zip(_DATA, children))
     kw.update(zip(_META, aux[:-1]))
+    kw["name"] = str(aux[-2])
     return Problem(mask=aux[-1].tree, **kw)
 
 

@@ -67,7 +67,7 @@ def get_config(arg=None):
     # AIC / onset
     c.n_aic, c.gd_lr, c.gd_steps, c.gd_points = 64, 1e-2, 100, 40  # Δu recorded at gd_points log-spaced steps
     c.taylor_order = 4         # a_0..a_4 by curvature.utility_taylor (0 = skip: its compile is the slowest step)
-    c.taylor_method = "jvp"    # nested jvps ("jet": Taylor mode)
+    c.taylor_method = "jet"    # Taylor mode over the jaxpr ("jvp": nested jvps, 2^k passes)
     c.aic_energy_min, c.aic_orth_max = 0.9, 0.1
     c.onset_task = "alpaca_top100"
     # LoRA intruder dimensions

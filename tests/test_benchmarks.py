@@ -2,28 +2,11 @@
 and write valid JSON. No timing is asserted (timings on a shared CI machine are not a test)."""
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Compile without LLVM's expensive passes (the smoke tests time nothing; XLA's flop counts and buffer
-    assignment, which they check, are unchanged); a child process inherits it through the environment."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    env = os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS")
-    jax.config.update("jax_disable_most_optimizations", True)
-    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-    if env is None:
-        os.environ.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
-    else:
-        os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = env
 
 
 def test_run_quick_writes_json(tmp_path):
@@ -51,7 +34,7 @@ def test_run_quick_writes_json(tmp_path):
     assert cur["dtype"] == ["float32"]  # the timed operators really run in float32
     sw = data["sweep"]
     # the vmapped (and, with several host devices, the sharded) sweep computes the same flows as the loop
-    assert sw["max_abs_diff_vs_loop"] <= 1e-5 * max(1.0, sw["displacement_scale"])
+    assert sw["max_rel_diff_vs_loop"] <= 1e-5 and sw["bounded_fraction"] >= 0.5
     assert sw["displacement_scale"] > 0
     # the test session has 8 host devices (conftest): the 4x4 quick grid is also run sharded over them
     assert sw["devices"] == 8 and math.isfinite(sw["speedup_sharded"]) and sw["speedup_sharded"] > 0
@@ -126,7 +109,7 @@ def test_sweep_child_process_one_host_device_per_core():
     res = sweep.run_subprocess(2, quick=True, reps=1, log=lambda *_: None)
     assert "--xla_force_host_platform_device_count=2" in res["xla_flags"]
     assert res["devices"] == 2 and res["n_configs"] == 16
-    assert res["max_abs_diff_vs_loop"] <= 1e-5 * max(1.0, res["displacement_scale"])
+    assert res["max_rel_diff_vs_loop"] <= 1e-5 and res["bounded_fraction"] >= 0.5
     assert math.isfinite(res["speedup_sharded"]) and math.isfinite(res["speedup_one_device"])
 
 

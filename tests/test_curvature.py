@@ -347,6 +347,20 @@ def test_jitted_operators_compile_once():
         assert c.count == 1, f"{name} traced {c.count} times"
 
 
+def test_problems_differing_only_in_name_share_one_compile():
+    """A Problem's name is a label: jit over problems of other names (e.g. one per task) traces once, and the
+    name survives flattening."""
+    m = T.mlp_model(jax.random.PRNGKey(2))
+    f = T.CompileCounter(lambda pr: C.flow_taylor(pr.loss_fn, pr.params, pr.batch, 2))
+    jf = jax.jit(f)
+    outs = [jf(m.replace(name=name)) for name in ("samsum", "gsm8k", "")]
+    assert f.count == 1
+    assert all(T.relative_error(o, outs[0]) == 0.0 for o in outs)
+    leaves, treedef = jax.tree_util.tree_flatten(m.replace(name="dolly"))
+    back = jax.tree_util.tree_unflatten(treedef, leaves)
+    assert back.name == "dolly" and type(back.name) is str
+
+
 def test_bad_inputs_raise_clear_errors():
     m = T.mlp_model(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="tree structure"):

@@ -5,9 +5,8 @@ Every checkpoint is a tiny random model written here by transformers (hidden 32,
 max |z − z_ref| ≤ 1e-5 · max(1, max |z_ref|).
 
 The run time is XLA compilation (the programs are tiny): each reference checkpoint is built once per module,
-each compiled function is shared between the tests that use it, and the module compiles with XLA's backend
-optimisations off (``jax_disable_most_optimizations``: the same HLO and buffer assignment, cheaper code
-generation)."""
+each compiled function is shared between the tests that use it, and the suite compiles with XLA's backend
+optimisations off (tests/conftest.py)."""
 import dataclasses
 import json
 import os
@@ -58,16 +57,6 @@ def _randomize(model, seed):
             noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
             p.copy_(1 + 0.2 * noise if "norm" in n else 0.3 * noise)
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compiles():
-    """Compile this module's programs without LLVM's expensive passes (~40 % less compile time; XLA's HLO
-    passes and buffer assignment, hence memory_analysis, are unchanged)."""
-    before = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 @pytest.fixture(scope="module")
