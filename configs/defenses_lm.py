@@ -4,8 +4,8 @@ per step relative to plain fine-tuning.
 
 The base model θ* is the lm_table1 study's (the same base fields: reused from ../lm_table1/base_model when the
 main job ran it first, else trained here the same way).
-Run (default; float32, 2 methods × 6 defences × 7 tasks; ≈ 5 min on 2 CPU cores with lm_table1's θ* reused,
-316 s measured in the main job on a shared machine; training θ* here adds the time of lm_table1's base stage):
+Run (default; float32, 2 methods × 6 defences × 7 tasks; ≈ 2–5 min on 2 CPU cores with lm_table1's θ* reused,
+124–316 s measured in the main job (quiet vs shared machine); training θ* here adds lm_table1's base stage):
     python -m experiments.run --config=configs/defenses_lm.py --workdir=runs/defenses_lm
 Smoke (used by the tests): --config=configs/defenses_lm.py:smoke
 Fields: the base model's (as configs/lm_table1.py: architecture, width, layers, heads, kv_heads, intermediate,

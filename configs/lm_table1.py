@@ -1,7 +1,7 @@
 """Figures 10–11 and the Table-1 analogue: a tiny Llama-family LM (models.llama) trained here on a synthetic instruction
 language, aligned to refuse harmful requests, fine-tuned on benign tasks (full FT 1 epoch, LoRA 3 epochs).
 
-Run (default; float32 training, float64 curvature; ≈ 4 min on 2 CPU cores):
+Run (default; float32 training, float64 curvature; ≈ 2–4 min on 2 CPU cores, 125 s measured in the main job):
     python -m experiments.run --config=configs/lm_table1.py --workdir=runs/lm_table1
 Smoke scale (≲ 1 min, used by the tests):  --config=configs/lm_table1.py:smoke
 GPU/TPU scale:                             --config=configs/lm_table1.py:full   (alias: large)
