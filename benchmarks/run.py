@@ -92,8 +92,8 @@ def table_rows(results):
             continue
         rt, mem, fl = r["ratio_to_grad"], r["peak_memory_ratio_to_grad"], r.get("flops_ratio_to_grad", {})
         tpf = r.get("time_per_flop", {})
-        for op in ("hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "flow_taylor4",
-                   "hvp_rev_rev"):
+        for op in ("hvp", "linearized_hvp", "fisher_vp", "empirical_fisher_vp", "third_order", "third_order_mb4",
+                   "flow_taylor4", "hvp_rev_rev"):
             if op not in rt:
                 continue
             tf = tpf.get(op)
@@ -113,6 +113,15 @@ def table_rows(results):
             tgt = tg.get("lanczos_matvecs_top20", 60)
             rows.append(("spectral/mlp", f"{label}, converged={lz.get('converged')}", lz["num_matvecs"], f"<= {tgt}",
                          bool(lz["num_matvecs"] <= tgt and lz.get("converged", False))))
+    sbs = sp.get("arpack_side_by_side") or {}
+    for key, r in sbs.items():
+        if key == "arpack_eigsh" or not isinstance(r, dict):
+            continue
+        t_tgt, m_tgt = tg.get("lanczos_time_over_arpack", 0.7), tg.get("lanczos_matvecs_over_arpack", 1.0)
+        rows.append(("spectral/mlp", f"{key}: time / ARPACK's ({r['num_matvecs']} vs "
+                     f"{sbs['arpack_eigsh']['num_matvecs']} matvecs, max res {r['max_residual']:.1e})",
+                     r["time_ratio_to_arpack"], f"<= {t_tgt}",
+                     bool(r["time_ratio_to_arpack"] <= t_tgt and r["matvec_ratio_to_arpack"] <= m_tgt)))
     for sub, key, label in (("timing_seconds", "step_over_matvec", "Lanczos step / matvec"),
                             ("compile_seconds", "ratio_80_over_20", "compile(80 steps) / compile(20 steps)")):
         val = (sp.get(sub) or {}).get(key)

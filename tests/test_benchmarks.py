@@ -125,3 +125,21 @@ def test_llm_benchmark_quick(tmp_path):
     assert json.loads((tmp_path / "llm.json").read_text())["n_params"] == out["n_params"]
     table = llm.memory_table()
     assert table.count("| Qwen3-1.7B |") == table.count("| Llama-3.2-3B |") > 0
+
+
+def test_table_rows_arpack_side_by_side():
+    """The side-by-side with ARPACK reaches the results table: a solver passes only with time ≤ 0.7× and
+    matvecs ≤ ARPACK's."""
+    from benchmarks import run
+
+    sbs = {"arpack_eigsh": {"num_matvecs": 154, "time_ratio_to_arpack": 1.0, "matvec_ratio_to_arpack": 1.0,
+                            "max_residual": 2e-7},
+           "lanczos": {"num_matvecs": 145, "time_ratio_to_arpack": 1.36, "matvec_ratio_to_arpack": 0.94,
+                       "max_residual": 7e-7},
+           "lanczos_gram_side": {"num_matvecs": 149, "time_ratio_to_arpack": 0.51, "matvec_ratio_to_arpack": 0.97,
+                                 "max_residual": 4e-7},
+           "too_many_matvecs": {"num_matvecs": 200, "time_ratio_to_arpack": 0.5, "matvec_ratio_to_arpack": 1.3,
+                                "max_residual": 4e-7}}
+    rows = run.table_rows({"spectral": {"targets": {}, "arpack_side_by_side": sbs}})
+    verdict = {r[1].split(":")[0]: r[4] for r in rows if "ARPACK" in r[1]}
+    assert verdict == {"lanczos": False, "lanczos_gram_side": True, "too_many_matvecs": False}

@@ -81,6 +81,10 @@ def test_third_order_matches_dense_tensor(model, dense):
     # symmetric in (u, v)
     b = op(model.params, v, u, model.batch)
     assert T.relative_error(a, b) <= RTOL
+    # accumulated over microbatches of the leading batch axis (every zoo loss is a per-example mean)
+    m = jax.tree_util.tree_leaves(model.batch)[0].shape[0]
+    c = 2 if m % 2 == 0 else 3
+    _close(_jit(C.third_order, model.loss_fn, microbatches=c)(model.params, u, v, model.batch), want, unravel)
 
 
 # --------------------------------------------------------------------------- Fisher and Δu
@@ -374,6 +378,10 @@ def test_bad_inputs_raise_clear_errors():
         C.flow_taylor(m.loss_fn, m.params, m.batch, 2, method="euler")
     with pytest.raises(ValueError, match="mask"):
         C.hvp(m.loss_fn, m.params, m.params, m.batch, mask={"l1": True})
+    with pytest.raises(ValueError, match="must divide the leading axis"):
+        C.third_order(m.loss_fn, m.params, m.params, m.params, m.batch, microbatches=3)
+    with pytest.raises(ValueError, match="positive integer"):
+        C.third_order(m.loss_fn, m.params, m.params, m.params, m.batch, microbatches=0)
 
 
 def test_hvp_and_third_order_against_torch():

@@ -345,3 +345,16 @@ def test_sigkill_then_rerun_resumes_to_identical_results(tmp_path):
     assert json.load(open(straight_wd / "timing.json"))["resumed"] is False
     straight = json.load(open(straight_wd / "results.json"))
     assert resumed == straight and resumed["claim"]["agree"]
+
+
+def test_default_xla_flags_added_unless_set(monkeypatch):
+    from alignment_geom import harness
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert harness.default_xla_flags() == ("--xla_force_host_platform_device_count=8 "
+                                           "--xla_cpu_use_fusion_emitters=false")
+    # a value the user set is kept, not overridden or repeated
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
+    assert harness.default_xla_flags() == "--xla_cpu_use_fusion_emitters=true"
+    monkeypatch.delenv("XLA_FLAGS")
+    assert harness.default_xla_flags(("--a=1", "--b=2")) == "--a=1 --b=2"

@@ -86,8 +86,9 @@ def _operator_trace(op: LinearOperator, exact_max_n: int, num_matvecs: int, key)
 class TrueFisher(NamedTuple):
     """F = mean_x Jᵀ(diag p − ppᵀ)J of the safety policy softmax(logits_fn(θ, inputs)).
 
-    method: "lanczos" (default; full re-orthogonalisation), "lobpcg", "randomized" (on the linearised
-    matvec ``curvature.fisher(problem)``), or "factor" (exact: thin SVD of the Fisher factor
+    method: "lanczos" (default; full re-orthogonalisation, on the Gram side B Bᵀ of F = BᵀB when the logits have
+    fewer entries than θ), "lobpcg", "randomized" (on the linearised matvec ``curvature.fisher(problem)``), or
+    "factor" (exact: thin SVD of the Fisher factor
     Λ^{1/2}J, ``curvature.top_fisher_subspace``; cheap when the logits have few entries, e.g. the
     landscapes). tol / num_steps: passed to ``linalg.top_eigenpairs``. tr F: exact (n unit-vector
     matvecs) when n ≤ exact_trace_max_n, else Hutch++ with ``trace_matvecs`` matvecs.

@@ -28,6 +28,7 @@ from alignment_geom.curvature.fisher import (
     fisher_vp,
     lambda_quad,
     linearized_empirical_fisher_vp,
+    linearized_fisher_operator,
     linearized_fisher_vp,
     per_example_grads,
     softmax_hessian_apply,
@@ -40,7 +41,8 @@ from alignment_geom.curvature.utility import kl_utility, stable_kl, stable_kl_ut
 __all__ = [
     "TaylorModeError", "widen_precision",
     "hvp", "linearized_hvp", "third_order", "hessian",
-    "fisher_vp", "linearized_fisher_vp", "empirical_fisher_vp", "linearized_empirical_fisher_vp",
+    "fisher_vp", "linearized_fisher_vp", "linearized_fisher_operator", "empirical_fisher_vp",
+    "linearized_empirical_fisher_vp",
     "per_example_grads", "empirical_fisher_trace", "fisher_norm", "lambda_quad", "softmax_hessian_apply",
     "fisher_factor", "top_fisher_subspace", "fisher", "empirical_fisher",
     "kl_utility", "stable_kl", "stable_kl_utility",

@@ -18,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from alignment_geom.linalg.operator import LinearOperator
+from alignment_geom.linalg.operator import Factor, LinearOperator
 from alignment_geom.problem import Problem
 from alignment_geom.tree import apply_mask, check_like, check_mask, tree_map
 
 PyTree = Any
 
-__all__ = ["fisher_vp", "linearized_fisher_vp", "empirical_fisher_vp", "linearized_empirical_fisher_vp",
+__all__ = ["fisher_vp", "linearized_fisher_vp", "linearized_fisher_operator", "empirical_fisher_vp",
+           "linearized_empirical_fisher_vp",
            "per_example_grads", "empirical_fisher_trace", "fisher_norm", "lambda_quad", "softmax_hessian_apply",
            "fisher_factor", "top_fisher_subspace", "fisher", "empirical_fisher"]
 
@@ -44,14 +45,21 @@ def _num_positions(z) -> int:
     return int(math.prod(z.shape[:-1])) if z.ndim > 1 else 1
 
 
-def linearized_fisher_vp(logits_fn: Callable, params: PyTree, inputs: Any,
-                         mask: Optional[PyTree] = None) -> Callable:
-    """A matvec ``v -> F·v`` for the true Fisher F = mean_x Jᵀ(diag p − ppᵀ)J of π = softmax(z(θ, x)).
+def _softmax_sqrt_apply(z, w):
+    """S w with SᵀS = Λ = diag p − ppᵀ: S = diag(√p)(I − 1pᵀ), S w = √p ⊙ (w − pᵀw), row-wise."""
+    p = jax.nn.softmax(z, axis=-1)
+    return jnp.sqrt(p) * (w - (p * w) @ jnp.ones((z.shape[-1], 1), z.dtype))
 
-    One ``jax.linearize`` of the logits gives z and the jvp v ↦ Jv; its transpose w ↦ Jᵀw comes from
-    ``jax.linear_transpose`` and reuses the same residuals, so J is never materialised and the
-    forward pass is not repeated per matvec. The mean runs over every leading axis of the logits.
-    """
+
+def _softmax_sqrt_transpose(z, u):
+    """Sᵀ u = √p ⊙ u − p (√p · u), the transpose of :func:`_softmax_sqrt_apply`, row-wise."""
+    p = jax.nn.softmax(z, axis=-1)
+    sq = jnp.sqrt(p)
+    return sq * u - p * ((sq * u) @ jnp.ones((z.shape[-1], 1), z.dtype))
+
+
+def _linearized_fisher(logits_fn, params, inputs, mask):
+    """One linearisation of the logits → (matvec v ↦ F v, Factor B with F = BᵀB, B v = S J v/√M)."""
     check_mask(mask, params)
 
     def f(p):
@@ -66,7 +74,35 @@ def linearized_fisher_vp(logits_fn: Callable, params: PyTree, inputs: Any,
         w = softmax_hessian_apply(z, jv) * jnp.asarray(scale, z.dtype)
         return apply_mask(mask, f_vjp(w)[0])
 
-    return matvec
+    root = jnp.asarray(math.sqrt(scale), z.dtype)
+
+    def apply(v):
+        return _softmax_sqrt_apply(z, f_jvp(apply_mask(mask, v))) * root
+
+    def transpose(u):
+        return apply_mask(mask, f_vjp(_softmax_sqrt_transpose(z, u) * root)[0])
+
+    return matvec, Factor(apply, transpose, jax.ShapeDtypeStruct(z.shape, z.dtype))
+
+
+def linearized_fisher_vp(logits_fn: Callable, params: PyTree, inputs: Any,
+                         mask: Optional[PyTree] = None) -> Callable:
+    """A matvec ``v -> F·v`` for the true Fisher F = mean_x Jᵀ(diag p − ppᵀ)J of π = softmax(z(θ, x)).
+
+    One ``jax.linearize`` of the logits gives z and the jvp v ↦ Jv; its transpose w ↦ Jᵀw comes from
+    ``jax.linear_transpose`` and reuses the same residuals, so J is never materialised and the
+    forward pass is not repeated per matvec. The mean runs over every leading axis of the logits.
+    """
+    return _linearized_fisher(logits_fn, params, inputs, mask)[0]
+
+
+def linearized_fisher_operator(logits_fn: Callable, params: PyTree, inputs: Any,
+                               mask: Optional[PyTree] = None) -> LinearOperator:
+    """F as a PSD LinearOperator (the matvec of :func:`linearized_fisher_vp`) carrying its factor B, F = BᵀB:
+    B v = Λ^{1/2} J v / √M ∈ ℝ^{M×C} for the M logit positions, Λ^{1/2} = diag(√p)(I − 1pᵀ) row-wise (one jvp),
+    Bᵀu one transposed jvp. ``linalg.top_eigenpairs`` runs Lanczos on the Gram side B Bᵀ when M·C < n."""
+    mv, factor = _linearized_fisher(logits_fn, params, inputs, mask)
+    return LinearOperator(mv, params, symmetric=True, psd=True, mask=mask, name="fisher", factor=factor)
 
 
 def fisher_vp(logits_fn: Callable, params: PyTree, v: PyTree, inputs: Any,
@@ -85,14 +121,8 @@ def fisher_vp(logits_fn: Callable, params: PyTree, v: PyTree, inputs: Any,
     return linearized_fisher_vp(logits_fn, params, inputs, mask)(v)
 
 
-def linearized_empirical_fisher_vp(logprob_fn: Callable, params: PyTree, batch: Any,
-                                   mask: Optional[PyTree] = None) -> Callable:
-    """A matvec ``v -> F̂·v`` for the empirical Fisher F̂ = (1/m) Σᵢ ∇log pᵢ ∇log pᵢᵀ, pᵢ = π_θ(yᵢ | xᵢ).
-
-    Computed as (1/m) Jᵀ(J v) with J the m×n Jacobian of the per-example log-probabilities
-    (``logprob_fn(params, batch) -> (m,)``): one ``jax.linearize`` and its transpose, reused by every
-    matvec; the per-example gradients are never materialised.
-    """
+def _linearized_empirical_fisher(logprob_fn, params, batch, mask):
+    """One linearisation of the log-probabilities → (matvec v ↦ F̂ v, Factor B = J/√m with F̂ = BᵀB)."""
     check_mask(mask, params)
 
     def f(p):
@@ -103,11 +133,29 @@ def linearized_empirical_fisher_vp(logprob_fn: Callable, params: PyTree, batch: 
         raise ValueError(f"logprob_fn must return per-example log-probabilities of shape (m,); got {lp.shape}")
     f_vjp = jax.linear_transpose(f_jvp, params)
     m = lp.shape[0]
+    root = jnp.asarray(1.0 / math.sqrt(m), lp.dtype)
 
     def matvec(v):
         return apply_mask(mask, f_vjp(f_jvp(apply_mask(mask, v)) / m)[0])
 
-    return matvec
+    def apply(v):
+        return f_jvp(apply_mask(mask, v)) * root
+
+    def transpose(u):
+        return apply_mask(mask, f_vjp(u * root)[0])
+
+    return matvec, Factor(apply, transpose, jax.ShapeDtypeStruct(lp.shape, lp.dtype))
+
+
+def linearized_empirical_fisher_vp(logprob_fn: Callable, params: PyTree, batch: Any,
+                                   mask: Optional[PyTree] = None) -> Callable:
+    """A matvec ``v -> F̂·v`` for the empirical Fisher F̂ = (1/m) Σᵢ ∇log pᵢ ∇log pᵢᵀ, pᵢ = π_θ(yᵢ | xᵢ).
+
+    Computed as (1/m) Jᵀ(J v) with J the m×n Jacobian of the per-example log-probabilities
+    (``logprob_fn(params, batch) -> (m,)``): one ``jax.linearize`` and its transpose, reused by every
+    matvec; the per-example gradients are never materialised.
+    """
+    return _linearized_empirical_fisher(logprob_fn, params, batch, mask)[0]
 
 
 def empirical_fisher_vp(logprob_fn: Callable, params: PyTree, v: PyTree, batch: Any,
@@ -217,10 +265,9 @@ def top_fisher_subspace(logits_fn: Callable, params: PyTree, inputs: Any, d: int
 
 def fisher(problem: Problem) -> LinearOperator:
     """The true Fisher F(θ*) of ``problem``'s safety policy as a PSD LinearOperator (:func:`linearized_fisher_vp`,
-    linearised once), restricted to ``problem.mask``. Needs ``logits_fn`` and ``inputs``."""
+    linearised once, with its factor B: F = BᵀB), restricted to ``problem.mask``. Needs ``logits_fn`` and ``inputs``."""
     problem.require("logits_fn")
-    mv = linearized_fisher_vp(problem.logits_fn, problem.params, problem.inputs, problem.mask)
-    return LinearOperator(mv, problem.params, symmetric=True, psd=True, mask=problem.mask, name="fisher")
+    return linearized_fisher_operator(problem.logits_fn, problem.params, problem.inputs, problem.mask)
 
 
 def empirical_fisher(problem: Problem) -> LinearOperator:
@@ -228,5 +275,6 @@ def empirical_fisher(problem: Problem) -> LinearOperator:
     (:func:`linearized_empirical_fisher_vp`), restricted to ``problem.mask``. Needs ``logprob_fn`` and
     ``safety_batch``."""
     problem.require("logprob_fn", "safety_batch")
-    mv = linearized_empirical_fisher_vp(problem.logprob_fn, problem.params, problem.safety_batch, problem.mask)
-    return LinearOperator(mv, problem.params, symmetric=True, psd=True, mask=problem.mask, name="empirical_fisher")
+    mv, factor = _linearized_empirical_fisher(problem.logprob_fn, problem.params, problem.safety_batch, problem.mask)
+    return LinearOperator(mv, problem.params, symmetric=True, psd=True, mask=problem.mask, name="empirical_fisher",
+                          factor=factor)

