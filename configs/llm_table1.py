@@ -16,10 +16,10 @@ judge endpoint):
   Peak memory per device from models.memory.estimate_memory (bfloat16 parameters, float32 Adam, batch 8 × 512
   tokens, logits in blocks of 128 positions, remat "full"):
       model         devices  full FT (Adam)  LoRA r=8  Fisher grads (chunk 4, f32)  Lanczos LoRA, 40 vectors
-      Qwen3-1.7B    1        27.7 GiB        4.6 GiB   44.2 GiB                     323 GiB (lanczos_d = 0)
-      Qwen3-1.7B    8         4.7 GiB        1.4 GiB   12.1 GiB                     41.3 GiB
-      Llama-3.2-3B  1        50.5 GiB        8.0 GiB   79.2 GiB                     598 GiB (lanczos_d = 0)
-      Llama-3.2-3B  8         8.1 GiB        2.3 GiB   18.6 GiB                     76.1 GiB
+      Qwen3-1.7B    1        27.6 GiB        4.7 GiB   44.2 GiB                     323 GiB (lanczos_d = 0)
+      Qwen3-1.7B    8         4.7 GiB        1.5 GiB   12.1 GiB                     41.3 GiB
+      Llama-3.2-3B  1        50.4 GiB        8.1 GiB   79.2 GiB                     598 GiB (lanczos_d = 0)
+      Llama-3.2-3B  8         8.1 GiB        2.3 GiB   18.5 GiB                     76.1 GiB
   (fisher_dtype=bfloat16 halves the Fisher column; the Lanczos basis holds full-size vectors, so it is off by
   default.) The run logs these estimates up front and stores them in results.json ("memory_gib"). Time: not
   measured on an accelerator yet; the work is 12 fine-tunes (full 1 epoch, LoRA 3 epochs), 13 × 520 AdvBench

@@ -38,7 +38,7 @@ PyTree = Any
 
 __all__ = ["ARCHITECTURES", "REMAT_POLICIES", "Llama3RoPE", "LlamaConfig", "init_params", "forward",
            "hidden_states", "lm_head", "param_count", "param_shapes", "rope_inv_freq", "rope_tables",
-           "positions_from_mask", "causal_allowed", "decoder", "rms_norm", "softmax", "silu",
+           "positions_from_mask", "causal_allowed", "decoder", "rms_norm", "softmax", "silu", "linear",
            "PROJECTIONS"]
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen3ForCausalLM")
@@ -242,12 +242,26 @@ def _apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
+def linear(x, w, preferred_element_type=None):
+    """y = x Wᵀ over the last axis: x (..., d), W (o, d) in Hugging Face's (out, in) layout → y (..., o).
+
+    The leading axes are flattened to one before the matmul, so every dot of the forward and backward passes is
+    a plain 2-D GEMM. Written as a 3-D einsum, reverse mode's weight gradient dW = Σ_{b,t} δ_bt x_btᵀ makes
+    XLA:CPU transpose the cotangent (B, T, o) → (o, B·T) fused with its elementwise producers, a strided loop
+    that cost over half of a small Llama's gradient (590k parameters: 70 → 39 ms per step)."""
+    lead = x.shape[:-1]
+    dt = jnp.result_type(x, w)
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]).astype(dt), w.astype(dt), (((1,), (1,)), ((), ())),
+                            preferred_element_type=preferred_element_type)
+    return y.reshape(lead + (w.shape[0],))
+
+
 def _proj(x, lp, lora, name, scale):
     """x Wᵀ for the layer's weight ``name``, plus the LoRA update s·(x Aᵀ) Bᵀ when ``lora`` adapts it."""
-    y = jnp.einsum("btd,od->bto", x, lp[name])
+    y = linear(x, lp[name])
     if lora is not None and name in lora:
         ab = lora[name]
-        y = y + (scale * jnp.einsum("btr,or->bto", jnp.einsum("btd,rd->btr", x, ab["A"]), ab["B"])).astype(y.dtype)
+        y = y + (scale * linear(linear(x, ab["A"]), ab["B"])).astype(y.dtype)
     return y
 
 
@@ -336,7 +350,7 @@ def lm_head(cfg: LlamaConfig, params: PyTree, h):
     """Logits z = h Wᵀ (W = lm_head, or the embedding when tied), accumulated in float32 (float64 for float64)."""
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     out = jnp.promote_types(w.dtype, jnp.float32)
-    return jnp.einsum("...d,vd->...v", h, w, preferred_element_type=out).astype(out)
+    return linear(h, w, preferred_element_type=out).astype(out)
 
 
 def forward(cfg: LlamaConfig, params: PyTree, tokens, *, attention_mask=None, lora=None,

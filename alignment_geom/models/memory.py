@@ -75,10 +75,10 @@ PUBLISHED_CONFIGS = {
 }
 
 # the cotangents alive while one recomputed block is differentiated, as a fraction of its residuals R_block
-# (XLA CPU buffer assignment on small configurations: 0.5-0.7 for full parameters, about half that when only
-# LoRA adapters are differentiated; not counted without remat, where they reuse the buffers of the residuals
-# already consumed)
-COTANGENT_FRACTION = {"full": 0.5, "lora": 0.25}
+# (XLA CPU buffer assignment on small configurations, with every projection a 2-D GEMM (llama.linear): about
+# 0.25 for full parameters and for LoRA adapters alike; not counted without remat, where they reuse the
+# buffers of the residuals already consumed)
+COTANGENT_FRACTION = {"full": 0.25, "lora": 0.25}
 OPS = ("grad", "adam", "hvp", "third_order", "fisher_vp", "per_example_grads", "lanczos")
 _POLICY = {"full": jax.checkpoint_policies.nothing_saveable,
            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
