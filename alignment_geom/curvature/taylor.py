@@ -78,19 +78,16 @@ def flow_taylor(loss_fn: Callable, params: PyTree, batch: Any, order: int,
     _check_method(method)
     check_mask(mask, params)
     grad_fn = _grad_fn(widen_precision(loss_fn) if widen else loss_fn, batch, mask)
+    if method == "jet":
+        return _flow_taylor_leaves(grad_fn, params, order)
     flat0, unravel = ravel_pytree(params)
 
     def g_flat(x):
         return ravel_pytree(grad_fn(unravel(x)))[0]
 
-    closed = jax.make_jaxpr(g_flat)(flat0) if method == "jet" else None
     cs = [-g_flat(flat0)]
     for k in range(1, order):
-        if method == "jet":
-            # [t^k] ∇L(θ* + Σ_{j≤k} c_j t^j), Taylor mode over the traced gradient
-            _, (out,) = taylor_jaxpr(closed, [flat0], [list(cs)], k)
-            gk = jnp.zeros_like(flat0) if out is None else out[k - 1]
-        elif method == "experimental_jet":
+        if method == "experimental_jet":
             # jet's series are derivative coefficients: θ^{(j)}(0) = j! c_j.
             series = [math.factorial(j) * cs[j - 1] for j in range(1, k + 1)]
             _, out = _jet.jet(g_flat, (flat0,), (series,))
@@ -108,6 +105,23 @@ def flow_taylor(loss_fn: Callable, params: PyTree, batch: Any, order: int,
             gk = _nested_derivative(path_grad, k)(t0) / math.factorial(k)
         cs.append(-gk / (k + 1))
     return [unravel(c) for c in cs]
+
+
+def _flow_taylor_leaves(grad_fn: Callable, params: PyTree, order: int) -> list:
+    """flow_taylor's Taylor-mode path, leaf by leaf: (k+1) c_{k+1} = −[t^k] ∇L(θ* + Σ_{j≤k} c_j t^j), each
+    [t^k] one Taylor-mode pass over the gradient's jaxpr traced once on the leaves of θ* (no ravelled copy of θ
+    or of the series: every leaf keeps its shape and dtype)."""
+    leaves0, treedef = jax.tree_util.tree_flatten(params)
+
+    def g_leaves(*xs):
+        return jax.tree_util.tree_leaves(grad_fn(jax.tree_util.tree_unflatten(treedef, list(xs))))
+
+    closed = jax.make_jaxpr(g_leaves)(*leaves0)
+    cs = [[-x for x in g_leaves(*leaves0)]]
+    for k in range(1, order):
+        _, outs = taylor_jaxpr(closed, leaves0, [[c[i] for c in cs] for i in range(len(leaves0))], k)
+        cs.append([(jnp.zeros_like(x) if o is None else -o[k - 1] / (k + 1)) for x, o in zip(leaves0, outs)])
+    return [jax.tree_util.tree_unflatten(treedef, c) for c in cs]
 
 
 def taylor_eval(coeffs: list, t, params0: Optional[PyTree] = None) -> PyTree:
@@ -145,13 +159,15 @@ def utility_taylor_coeffs(ft_loss: Callable, params: PyTree, batch: Any, logits_
         logits_fn = widen_precision(logits_fn)
 
     if method == "jet":
-        flat0, unravel = ravel_pytree(params)
+        leaves0, treedef = jax.tree_util.tree_flatten(params)
 
-        def du_flat(x):
-            return kl_utility(logits_fn, params, unravel(x), inputs)
+        def du_leaves(*xs):
+            return kl_utility(logits_fn, params, jax.tree_util.tree_unflatten(treedef, list(xs)), inputs)
 
-        closed = jax.make_jaxpr(du_flat)(flat0)
-        (a0,), (ser,) = taylor_jaxpr(closed, [flat0], [[ravel_pytree(c)[0] for c in cs]], order)
+        closed = jax.make_jaxpr(du_leaves)(*leaves0)
+        c_leaves = [jax.tree_util.tree_leaves(c) for c in cs]
+        (a0,), (ser,) = taylor_jaxpr(closed, leaves0, [[c[i] for c in c_leaves] for i in range(len(leaves0))],
+                                     order)
         ser = [jnp.zeros((), dtype)] * order if ser is None else ser
         return jnp.stack([jnp.asarray(a, dtype) for a in [a0] + list(ser)])
 
