@@ -104,7 +104,7 @@ def test_lanczos_core_blocked_basis_is_a_lanczos_decomposition(steps):
     n = 50
     A = np.asarray(_wishart(n, 70, 11))
     q0 = jax.random.normal(KEY, (n,), jnp.float64)
-    alpha, beta, Q, m, _ = jax.jit(lambda q: sp.eigen._lanczos_core(lambda x: jnp.asarray(A) @ x, q, steps,
+    alpha, beta, Q, m, _, _ = jax.jit(lambda q: sp.eigen._lanczos_core(lambda x: jnp.asarray(A) @ x, q, steps,
                                                               key=KEY, mflat=None))(q0)
     Q, m = np.asarray(Q), int(m)
     assert m == steps and Q.shape[0] >= steps + 1 and Q.shape[0] % 16 in (0, steps + 1)
@@ -114,6 +114,55 @@ def test_lanczos_core_blocked_basis_is_a_lanczos_decomposition(steps):
     np.testing.assert_allclose(Q[:m] @ A @ Q[:m].T, T_m, atol=1e-12)
     # first row is the normalised start vector
     np.testing.assert_allclose(Q[0], np.asarray(q0) / np.linalg.norm(np.asarray(q0)), atol=1e-15)
+
+
+def _separated(n=400, seed=0):
+    """A = U diag(λ) Uᵀ with ten well-separated eigenvalues 10 … 5 above a bulk in [0, 1]: Lanczos' Ritz values
+    converge fast, which is exactly when the three-term recurrence loses orthogonality."""
+    rng = np.random.default_rng(seed)
+    U = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    lam = np.concatenate([np.linspace(10.0, 5.0, 10), rng.uniform(0.0, 1.0, n - 10)])
+    return (U * lam) @ U.T, lam
+
+
+@pytest.mark.parametrize("steps", [60, 150])
+def test_partial_reorthogonalisation_keeps_the_basis_semi_orthogonal(steps):
+    """reorth="partial": the ω recurrence triggers projections on some steps only, the basis stays
+    semi-orthogonal (|q_iᵀq_j| ≤ √u), and T_m's top Ritz values equal the dense eigenvalues and those of full
+    re-orthogonalisation to rounding."""
+    A, lam = _separated()
+    q0 = jnp.asarray(np.random.default_rng(1).standard_normal(A.shape[0]))
+    out = {}
+    for reorth in ("partial", "full"):
+        alpha, beta, Q, m, _, nre = jax.jit(lambda q, r=reorth: sp.eigen._lanczos_core(
+            lambda x: jnp.asarray(A) @ x, q, steps, key=KEY, mflat=None, reorth=r))(q0)
+        m = int(m)
+        Q = np.asarray(Q)[:m + 1]
+        b = np.asarray(beta)[:m - 1]
+        T_m = np.diag(np.asarray(alpha)[:m]) + np.diag(b, 1) + np.diag(b, -1)
+        out[reorth] = (int(nre), np.max(np.abs(Q @ Q.T - np.eye(m + 1))), np.sort(np.linalg.eigvalsh(T_m))[::-1])
+    nre, orth, theta = out["partial"]
+    assert out["full"][0] == steps and 0 < nre < steps // 2, nre
+    assert orth <= np.sqrt(np.finfo(np.float64).eps), orth
+    assert out["full"][1] <= 1e-14
+    np.testing.assert_allclose(theta[:10], np.sort(lam)[::-1][:10], rtol=1e-13)
+    np.testing.assert_allclose(theta[:20], out["full"][2][:20], rtol=1e-12)
+
+
+def test_top_eigenpairs_partial_equals_full_reorthogonalisation():
+    """top_eigenpairs' default (partial) and reorth="full" return the same pairs, and both match the dense
+    oracle; the partial run projects on fewer steps."""
+    A, lam = _separated(n=300, seed=3)
+    res = {}
+    for reorth in ("partial", "full"):
+        f = jax.jit(lambda M, r=reorth: sp.top_eigenpairs(lambda v: M @ v, jnp.zeros(300), 8, key=KEY, tol=1e-10,
+                                                          num_steps=120, reorth=r, return_info=True))
+        res[reorth] = f(jnp.asarray(A))
+        _check_pairs(A, *res[reorth][:3], 8)
+    np.testing.assert_allclose(np.asarray(res["partial"][0]), np.asarray(res["full"][0]), rtol=1e-13)
+    assert int(res["partial"][3].num_reorths) < int(res["full"][3].num_reorths) == int(res["full"][3].num_matvecs)
+    with pytest.raises(ValueError, match="reorth"):
+        sp.top_eigenpairs(lambda v: v, jnp.zeros(5), 1, key=KEY, reorth="selective")
 
 
 def test_lanczos_dense_hessian_indefinite():

@@ -124,7 +124,7 @@ def slq(matvec, like: PyTree = None, num_steps: Optional[int] = None, num_probes
     def one(kk):
         kz, kr = jax.random.split(kk)
         z = _rand_like_flat(kz, flat, mflat, "rademacher")
-        alpha, beta, _, m, _ = _lanczos_core(mv, z, num_steps, key=kr, mflat=mflat)
+        alpha, beta, _, m, _, _ = _lanczos_core(mv, z, num_steps, key=kr, mflat=mflat)
         theta, s, valid = _tridiag_eig(alpha, beta, m)
         tau = jnp.where(valid, s[0] ** 2, 0.0)
         return jnp.where(valid, theta, 0.0), tau
